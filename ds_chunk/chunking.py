@@ -1,0 +1,53 @@
+"""Chunk boundaries, the global label shift, and supervised-token counts."""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def chunk_bounds(seq_len: int, chunk_size: int) -> list[tuple[int, int]]:
+    """[(start, end), ...] covering 0..seq_len; the last chunk may be shorter."""
+    return [(s, min(s + chunk_size, seq_len)) for s in range(0, seq_len, chunk_size)]
+
+
+def prepare_labels(
+    input_ids: torch.Tensor, labels: torch.Tensor | None, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Return the target of every position, shifted once for the whole sequence.
+
+    HF shifts labels inside the model call; doing that per chunk would drop the
+    prediction of chunk i+1's first token from chunk i's last one. So we shift here:
+    ``target[:, t] = labels[:, t + 1]`` and the last position predicts nothing.
+    ``labels=None`` means ``labels = input_ids`` with padding (attention_mask == 0)
+    ignored, as HF's data collators do.
+    """
+    if labels is None:
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX) if attention_mask is not None else input_ids
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    target = torch.full_like(labels, IGNORE_INDEX)
+    target[:, :-1] = labels[:, 1:]
+    return target
+
+
+def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_positions: int | None) -> None:
+    """Clear errors for inputs that would otherwise fail deep inside torch."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+    batch, seq_len = input_ids.shape
+    if batch == 0 or seq_len == 0:
+        raise ValueError(f"empty batch: input_ids has shape {tuple(input_ids.shape)}")
+    if max_positions is not None and seq_len > max_positions:
+        raise ValueError(f"sequence of {seq_len} tokens exceeds the model's max_position_embeddings={max_positions}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
+            )
+        mask = attention_mask.bool()
+        if not mask[:, 0].all():
+            raise ValueError("left padding is not supported: pad on the right (attention_mask[:, 0] must be 1)")
+        if (mask[:, 1:] & ~mask[:, :-1]).any():
+            raise ValueError("attention_mask must be right padding: ones, then zeros, in every row")

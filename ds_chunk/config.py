@@ -1,0 +1,188 @@
+"""The ``chunkwise`` block of a DeepSpeed JSON config: schema and validation.
+
+DeepSpeed ignores unknown top-level keys, so it never looks inside this block; we
+validate it here, strictly. Every error names the key path, the bad value and what is
+allowed, e.g. ``chunkwise.chunk_size = 0: expected an integer >= 1``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+__all__ = ["ChunkwiseConfig", "ConfigError", "SparseConfig"]
+
+
+class ConfigError(ValueError):
+    """A bad value in the ``chunkwise`` block; the message names key, value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key} = {value!r}: expected {allowed}")
+
+
+# ---- small typed readers: each returns the value or raises ConfigError ----------------
+
+
+def _reject_auto(key: str, value: Any) -> None:
+    # accelerate fills "auto" only in blocks it knows, and raises on the rest; plain
+    # DeepSpeed never fills it. A value that is never filled must not be accepted.
+    if isinstance(value, str) and value == "auto":
+        raise ConfigError(key, value, 'a concrete value ("auto" is not resolved inside chunkwise)')
+
+
+def _bool(key: str, value: Any) -> bool:
+    _reject_auto(key, value)
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "true or false")
+    return value
+
+
+def _int(key: str, value: Any, lo: int, *, optional: bool = False) -> int | None:
+    _reject_auto(key, value)
+    if value is None and optional:
+        return None
+    # bool is an int subclass in Python; `true` is never a chunk size.
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(key, value, f"an integer >= {lo}" + (" or null" if optional else ""))
+    return value
+
+
+def _prob(key: str, value: Any) -> float | None:
+    _reject_auto(key, value)
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not (0.0 < float(value) <= 1.0) or math.isnan(value):
+        raise ConfigError(key, value, "a number p with 0 < p <= 1, or null")
+    return float(value)
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    _reject_auto(key, value)
+    if value not in choices:
+        raise ConfigError(key, value, "one of " + ", ".join(repr(c) for c in choices))
+    return value
+
+
+def _check_keys(prefix: str, block: Any, cls: type) -> dict:
+    if not isinstance(block, dict):
+        raise ConfigError(prefix, block, "a JSON object")
+    known = [f.name for f in fields(cls)]
+    for key in block:
+        if key not in known:
+            raise ConfigError(f"{prefix}.{key}", block[key], "no such key; known keys: " + ", ".join(known))
+    return block
+
+
+# ---- the schema -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    """``chunkwise.sparse``: SpaCO, replay only a sample of chunks.
+
+    sampler: ``"bernoulli"`` replays chunk c independently with probability pi_c and
+        weights it by 1/pi_c (exactly unbiased); ``"paper"`` draws exactly t chunks
+        without replacement and weights them by k/t, capped at ``max_compensation``
+        (the paper's estimator; biased, for reproduction only).
+    rate / num_chunks: exactly one. For bernoulli, num_chunks=t means p = t/k.
+    always_replay: chunks with pi = 1: ``"supervised"`` (every chunk holding a
+        supervised token) or a list of chunk indices (negative counts from the end).
+    seed: the draw of step s is a function of (seed, step[, rank]).
+    same_on_all_ranks: draw the same chunks on every data-parallel rank.
+    report_loss: compute the true full-sequence loss for non-replayed chunks in the
+        no-grad pass (costs the LM head on those chunks).
+    """
+
+    sampler: Literal["bernoulli", "paper"] = "bernoulli"
+    rate: float | None = None
+    num_chunks: int | None = None
+    always_replay: str | tuple[int, ...] = ()
+    max_compensation: float | None = None
+    seed: int = 0
+    same_on_all_ranks: bool = False
+    report_loss: bool = True
+
+    @classmethod
+    def from_dict(cls, block: dict, prefix: str = "chunkwise.sparse") -> SparseConfig:
+        b = _check_keys(prefix, block, cls)
+        sampler = _choice(f"{prefix}.sampler", b.get("sampler", "bernoulli"), ("bernoulli", "paper"))
+        rate = _prob(f"{prefix}.rate", b.get("rate"))
+        num_chunks = _int(f"{prefix}.num_chunks", b.get("num_chunks"), 1, optional=True)
+        if (rate is None) == (num_chunks is None):
+            raise ConfigError(
+                f"{prefix}.rate/num_chunks", {"rate": rate, "num_chunks": num_chunks}, "exactly one of them"
+            )
+        always = b.get("always_replay", [])
+        _reject_auto(f"{prefix}.always_replay", always)
+        if always != "supervised":
+            ok = isinstance(always, (list, tuple)) and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in always
+            )
+            if not ok:
+                raise ConfigError(f"{prefix}.always_replay", always, '"supervised" or a list of chunk indices')
+            always = tuple(always)
+        if sampler == "paper" and always:
+            raise ConfigError(f"{prefix}.always_replay", always, 'an empty list with sampler "paper"')
+        cap = b.get("max_compensation")
+        _reject_auto(f"{prefix}.max_compensation", cap)
+        if cap is not None:
+            if sampler != "paper":
+                raise ConfigError(f"{prefix}.max_compensation", cap, 'null unless sampler is "paper" (a cap biases)')
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap >= 1.0:
+                raise ConfigError(f"{prefix}.max_compensation", cap, "a number >= 1, or null")
+            cap = float(cap)
+        seed = _int(f"{prefix}.seed", b.get("seed", 0), 0)
+        same = _bool(f"{prefix}.same_on_all_ranks", b.get("same_on_all_ranks", False))
+        report = _bool(f"{prefix}.report_loss", b.get("report_loss", True))
+        return cls(sampler, rate, num_chunks, always, cap, seed, same, report)
+
+
+@dataclass(frozen=True)
+class ChunkwiseConfig:
+    """The top-level ``chunkwise`` block.
+
+    enabled: chunk-wise training on/off (off: one chunk, i.e. plain backprop).
+    chunk_size: tokens per chunk (the last chunk may be shorter).
+    sparse: SpaCO settings, or None for exact SeCO.
+    loss_chunk_size: tokens per LM-head/cross-entropy sub-chunk, so a chunk's full
+        [chunk x vocab] logits never exist at once; null = the whole chunk.
+    kv_offload: keep the KV leaves and their gradients in host memory.
+    """
+
+    enabled: bool = True
+    chunk_size: int = 512
+    sparse: SparseConfig | None = None
+    loss_chunk_size: int | None = None
+    kv_offload: bool = False
+
+    @classmethod
+    def from_dict(cls, block: dict | None, prefix: str = "chunkwise") -> ChunkwiseConfig:
+        """Validate a ``chunkwise`` block (the dict under that key). None means disabled."""
+        if block is None:
+            return cls(enabled=False)
+        b = _check_keys(prefix, block, cls)
+        sparse = b.get("sparse")
+        _reject_auto(f"{prefix}.sparse", sparse)
+        return cls(
+            enabled=_bool(f"{prefix}.enabled", b.get("enabled", True)),
+            chunk_size=_int(f"{prefix}.chunk_size", b.get("chunk_size", 512), 1),
+            sparse=None if sparse is None else SparseConfig.from_dict(sparse, f"{prefix}.sparse"),
+            loss_chunk_size=_int(f"{prefix}.loss_chunk_size", b.get("loss_chunk_size"), 1, optional=True),
+            kv_offload=_bool(f"{prefix}.kv_offload", b.get("kv_offload", False)),
+        )
+
+    @classmethod
+    def from_ds_config(cls, config: str | os.PathLike | dict) -> ChunkwiseConfig:
+        """Read the ``chunkwise`` block out of a whole DeepSpeed config (path or dict).
+
+        A config without the block gives chunking disabled.
+        """
+        if not isinstance(config, dict):
+            with open(config) as f:
+                config = json.load(f)
+        return cls.from_dict(config.get("chunkwise"))

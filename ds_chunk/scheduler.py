@@ -1,0 +1,218 @@
+"""SeCO / SpaCO: the chunk scheduler between a model's forward and its backward.
+
+Pass 1 (no autograd) runs chunks in order and stores their K/V as leaves; no LM head
+unless a loss is wanted for a chunk that will not be replayed. Pass 2 replays the
+chunks in reverse with autograd; chunk i's scalar
+
+    w_i * (L_i + sum_layers <m_i_fresh, grad collected on leaf m_i>)
+
+backpropagates chunk i's own loss and the gradient later chunks sent into m_i, and adds
+into the parameters' .grad and the leaves m_0..m_{i-1}. With w_i = 1 for every chunk
+this is exactly full backprop (SeCO); SpaCO replays a sample with w_i = 1/pi_i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ds_chunk.adapter import (
+    RngTape,
+    cache_kwarg,
+    cache_under_checkpointing,
+    check_supported,
+    no_cpu_inference_packing,
+    unwrap,
+)
+from ds_chunk.chunking import IGNORE_INDEX, check_inputs, chunk_bounds, prepare_labels
+from ds_chunk.config import ChunkwiseConfig
+from ds_chunk.kv import ChunkCache, KVStore
+from ds_chunk.loss import chunk_loss
+from ds_chunk.sampling import ChunkSampler
+
+BackwardFn = Callable[[torch.Tensor, bool], None]
+"""backward_fn(scalar, is_last): backpropagate ``scalar``; ``is_last`` marks the last
+backward of the step (DeepSpeed's gradient-accumulation boundary)."""
+
+
+def autograd_backward(scalar: torch.Tensor, is_last: bool) -> None:
+    scalar.backward()
+
+
+@dataclass
+class ChunkResult:
+    """What one ``ChunkScheduler.backward`` did.
+
+    loss: full-sequence mean CE over supervised tokens (HF convention), detached;
+        NaN when SpaCO skipped it (``report_loss: false``).
+    num_tokens: the normaliser (supervised tokens) the chunk losses were divided by.
+    replayed: chunks replayed with autograd, ascending; weights: chunk -> 1/pi.
+    """
+
+    loss: torch.Tensor
+    num_tokens: int
+    num_chunks: int
+    replayed: list[int] = field(default_factory=list)
+    weights: dict[int, float] = field(default_factory=dict)
+
+
+class ChunkScheduler:
+    """Chunk-wise backward for HF decoder-only models (SeCO, and SpaCO when configured)."""
+
+    def __init__(self, config: ChunkwiseConfig | dict | None = None, backward_fn: BackwardFn | None = None):
+        if not isinstance(config, ChunkwiseConfig):
+            config = ChunkwiseConfig.from_dict(config if config is not None else {})
+        self.config = config
+        self.backward_fn = backward_fn or autograd_backward
+        self.sampler = ChunkSampler(config.sparse) if config.sparse is not None and config.enabled else None
+        self.calls = 0  # default SpaCO step index; part of the state for exact resume
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = int(state["calls"])
+
+    def backward(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        num_tokens: int | None = None,
+        boundary: bool = True,
+        sampled: list[int] | None = None,
+        step: int | None = None,
+        rank: int = 0,
+        backward_fn: BackwardFn | None = None,
+    ) -> ChunkResult:
+        """Add d(loss)/d(param) to every trainable parameter's ``.grad``.
+
+        loss is the mean CE over supervised tokens of ``labels`` (unshifted, -100
+        ignored; None means ``input_ids`` with padding ignored), as
+        ``model(input_ids, attention_mask=..., labels=labels).loss`` computes it.
+        num_tokens: normaliser when several micro-batches form one step (default: this
+        batch's supervised tokens). boundary: this batch ends the step, so its last
+        backward is flagged ``is_last``. sampled/step/rank: SpaCO draw override, step
+        index (default: call count) and data-parallel rank.
+        """
+        hf = unwrap(model)
+        check_supported(hf, input_ids.shape[-1])
+        check_inputs(input_ids, attention_mask, getattr(hf.config, "max_position_embeddings", None))
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: let attention take its fastest path
+        target = prepare_labels(input_ids, labels, attention_mask)
+        supervised = target != IGNORE_INDEX
+        n = int(supervised.sum()) if num_tokens is None else int(num_tokens)
+        if n == 0:
+            raise ValueError("no supervised token in the batch: every label is -100 (ignored)")
+        size = self.config.chunk_size if self.config.enabled else input_ids.shape[1]
+        bounds = chunk_bounds(input_ids.shape[1], size)
+        has_loss = [bool(supervised[:, s:e].any()) for s, e in bounds]
+        weights = self._plan(has_loss, sampled, self.calls if step is None else step, rank)
+        self.calls += 1
+
+        run = _ChunkRun(hf, input_ids, target, attention_mask, bounds, n, self.config.loss_chunk_size)
+        if self.config.kv_offload:
+            run.store.storage = torch.device("cpu")
+        report = self.sampler is None or self.sampler.config.report_loss
+        with no_cpu_inference_packing(hf):
+            loss = run.forward_pass(weights, report and self.sampler is not None, has_loss)
+            loss += run.replay(weights, backward_fn or self.backward_fn, boundary)
+        if not report:
+            loss = torch.tensor(float("nan"))
+        return ChunkResult(loss.detach(), n, len(bounds), sorted(weights), weights)
+
+    def _plan(self, has_loss: list[bool], sampled: list[int] | None, step: int, rank: int) -> dict[int, float]:
+        """chunk -> weight for the chunks to replay; chunks that cannot carry gradient are dropped."""
+        k = len(has_loss)
+        if self.sampler is None:
+            if sampled is not None:
+                raise ValueError("sampled= needs a chunkwise.sparse config (SpaCO)")
+            weights = dict.fromkeys(range(k), 1.0)
+        else:
+            weights = self.sampler.weights(has_loss, sampled, step, rank)
+        # A chunk after the last supervised one has no loss and receives no carried
+        # gradient: replaying it adds exactly zero.
+        last = max((c for c in range(k) if has_loss[c]), default=-1)
+        return {c: w for c, w in weights.items() if c <= last}
+
+
+class _ChunkRun:
+    """The state of one scheduler call: the model's parts, the batch, the KV store."""
+
+    def __init__(self, hf, input_ids, target, attention_mask, bounds, normalizer, sub_chunk):
+        self.decoder, self.lm_head = hf.get_decoder(), hf.get_output_embeddings()
+        self.cache_key = cache_kwarg(self.decoder)
+        self.input_ids, self.target, self.mask = input_ids, target, attention_mask
+        self.bounds, self.normalizer, self.sub_chunk = bounds, normalizer, sub_chunk
+        self.store = KVStore(hf.config.get_text_config().num_hidden_layers)
+        self.rng = RngTape(input_ids.device)
+        self.trainable = [p for p in hf.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise ValueError(f"{type(hf).__name__} has no trainable parameter (requires_grad=False everywhere)")
+
+    def hidden(self, c: int, record: bool) -> tuple[torch.Tensor, ChunkCache]:
+        s, e = self.bounds[c]
+        cache = ChunkCache(self.store, c, record)
+        out = self.decoder(
+            input_ids=self.input_ids[:, s:e],
+            attention_mask=None if self.mask is None else self.mask[:, :e],
+            position_ids=torch.arange(s, e, device=self.input_ids.device).unsqueeze(0),
+            use_cache=True,
+            **{self.cache_key: cache},
+        )
+        return out[0], cache  # [B, e - s, H]
+
+    def loss(self, c: int, hidden: torch.Tensor) -> torch.Tensor:
+        s, e = self.bounds[c]
+        return chunk_loss(self.lm_head, hidden, self.target[:, s:e], self.normalizer, self.sub_chunk)
+
+    @torch.no_grad()
+    def forward_pass(self, weights: dict[int, float], want_loss: bool, has_loss: list[bool]) -> torch.Tensor:
+        """Build the leaves m_c that the replays read (chunks before the last replayed one).
+
+        want_loss: also run the chunks that will not be replayed, up to the last one with
+        a supervised token, and compute their loss, so the reported loss is the
+        full-sequence loss (SpaCO).
+        """
+        stop = max(weights, default=0)
+        if want_loss:
+            stop = max(stop, max((c + 1 for c, x in enumerate(has_loss) if x), default=0))
+        loss = torch.zeros((), dtype=torch.float64)
+        for c in range(stop):
+            self.rng.record(c)
+            h, _ = self.hidden(c, record=True)
+            if want_loss and c not in weights and has_loss[c]:
+                loss += self.loss(c, h).double().cpu()
+        self.rng.record(stop)  # what chunk `stop` sees, and the state we leave behind
+        self.end = stop
+        self.store.require_grad([c for c in weights if c != max(weights)])
+        return loss
+
+    def replay(self, weights: dict[int, float], backward_fn: BackwardFn, boundary: bool) -> torch.Tensor:
+        """Reverse replay with autograd; returns the unweighted loss of the replayed chunks."""
+        loss = torch.zeros((), dtype=torch.float64)
+        order = sorted(weights, reverse=True)
+        with cache_under_checkpointing(self.decoder):
+            for c in order:
+                carried = self.store.pop_grads(c)
+                self.rng.replay(c)
+                h, cache = self.hidden(c, record=False)
+                chunk = self.loss(c, h)
+                inject = sum(
+                    (fk * g[0]).sum() + (fv * g[1]).sum()
+                    for (fk, fv), g in ((cache.fresh[i], g) for i, g in enumerate(carried) if g is not None)
+                )
+                backward_fn(weights[c] * (chunk + inject), boundary and c == order[-1])
+                loss += chunk.detach().double().cpu()
+        if not order and boundary:
+            # Nothing replayed (an empty SpaCO draw): the step still needs its boundary
+            # backward so an engine reduces gradients; this one adds exactly zero.
+            backward_fn(sum(p.reshape(-1)[0] for p in self.trainable) * 0.0, True)
+        self.rng.replay(self.end)
+        return loss

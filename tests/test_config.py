@@ -1,0 +1,72 @@
+"""The chunkwise block: every bad value gets an error naming key, value and what is allowed."""
+
+import json
+
+import pytest
+
+from ds_chunk import ChunkwiseConfig, ConfigError, SparseConfig
+
+
+def test_defaults_and_roundtrip(tmp_path):
+    cfg = ChunkwiseConfig.from_dict({"chunk_size": 128})
+    assert cfg == ChunkwiseConfig(enabled=True, chunk_size=128)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "chunkwise": {"chunk_size": 64}}))
+    assert ChunkwiseConfig.from_ds_config(path).chunk_size == 64
+    assert ChunkwiseConfig.from_ds_config({"zero_optimization": {"stage": 2}}).enabled is False
+
+
+def test_sparse_block():
+    cfg = ChunkwiseConfig.from_dict({"sparse": {"rate": 0.125, "always_replay": "supervised", "seed": 3}})
+    assert cfg.sparse == SparseConfig(rate=0.125, always_replay="supervised", seed=3)
+    paper = SparseConfig.from_dict({"sampler": "paper", "num_chunks": 8, "max_compensation": 2})
+    assert (paper.num_chunks, paper.max_compensation) == (8, 2.0)
+
+
+@pytest.mark.parametrize(
+    "block, key, allowed",
+    [
+        ({"chunk_size": 0}, "chunkwise.chunk_size", "integer >= 1"),
+        ({"chunk_size": 12.5}, "chunkwise.chunk_size", "integer >= 1"),
+        ({"chunk_size": True}, "chunkwise.chunk_size", "integer >= 1"),
+        ({"chunk_size": "auto"}, "chunkwise.chunk_size", '"auto" is not resolved'),
+        ({"enabled": "yes"}, "chunkwise.enabled", "true or false"),
+        ({"chunk_sise": 8}, "chunkwise.chunk_sise", "no such key"),
+        ({"loss_chunk_size": 0}, "chunkwise.loss_chunk_size", "integer >= 1 or null"),
+        ({"kv_offload": 1}, "chunkwise.kv_offload", "true or false"),
+        ({"sparse": []}, "chunkwise.sparse", "a JSON object"),
+        ({"sparse": {"rate": 0.5, "typo": 1}}, "chunkwise.sparse.typo", "no such key"),
+        ({"sparse": {"rate": 0}}, "chunkwise.sparse.rate", "0 < p <= 1"),
+        ({"sparse": {"rate": 1.5}}, "chunkwise.sparse.rate", "0 < p <= 1"),
+        ({"sparse": {"rate": "auto"}}, "chunkwise.sparse.rate", '"auto"'),
+        ({"sparse": {}}, "chunkwise.sparse.rate/num_chunks", "exactly one"),
+        ({"sparse": {"rate": 0.5, "num_chunks": 2}}, "chunkwise.sparse.rate/num_chunks", "exactly one"),
+        ({"sparse": {"num_chunks": 0}}, "chunkwise.sparse.num_chunks", "integer >= 1"),
+        ({"sparse": {"rate": 0.5, "sampler": "uniform"}}, "chunkwise.sparse.sampler", "'bernoulli', 'paper'"),
+        ({"sparse": {"rate": 0.5, "always_replay": "answers"}}, "chunkwise.sparse.always_replay", '"supervised"'),
+        ({"sparse": {"rate": 0.5, "max_compensation": 2}}, "chunkwise.sparse.max_compensation", "unless sampler"),
+        (
+            {"sparse": {"rate": 0.5, "sampler": "paper", "max_compensation": 0.5}},
+            "chunkwise.sparse.max_compensation",
+            ">= 1",
+        ),
+        (
+            {"sparse": {"num_chunks": 2, "sampler": "paper", "always_replay": [0]}},
+            "chunkwise.sparse.always_replay",
+            "empty list",
+        ),
+        ({"sparse": {"rate": 0.5, "seed": -1}}, "chunkwise.sparse.seed", "integer >= 0"),
+        ({"sparse": {"rate": 0.5, "same_on_all_ranks": "no"}}, "chunkwise.sparse.same_on_all_ranks", "true or false"),
+    ],
+)
+def test_bad_values(block, key, allowed):
+    with pytest.raises(ConfigError) as info:
+        ChunkwiseConfig.from_dict(block)
+    assert info.value.key == key
+    assert str(info.value).startswith(key + " = ")
+    assert allowed in str(info.value)
+
+
+def test_block_must_be_object():
+    with pytest.raises(ConfigError, match="chunkwise = 5: expected a JSON object"):
+        ChunkwiseConfig.from_ds_config({"chunkwise": 5})

@@ -1,0 +1,131 @@
+"""SpaCO: the bernoulli estimator is exactly unbiased (enumerated, no statistics)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from models import grads, max_rel_err, reference_loss, tiny_model
+
+from ds_chunk import ChunkScheduler
+from ds_chunk.config import SparseConfig
+from ds_chunk.sampling import ChunkSampler
+
+K, C = 5, 8  # 5 chunks of 8 tokens
+
+
+def _setup():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 97, (2, K * C), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[0, :12] = -100  # chunk 0 supervised only in row 1
+    return model, ids, labels
+
+
+def _grad_for(model, ids, labels, sparse, sampled):
+    result = ChunkScheduler({"chunk_size": C, "sparse": sparse}).backward(model, ids, labels, sampled=sampled)
+    g = grads(model) if any(p.grad is not None for p in model.parameters()) else None
+    model.zero_grad()
+    return result, g
+
+
+def _seco(model, ids, labels):
+    reference_loss(model, ids, labels).backward()
+    g = grads(model)
+    model.zero_grad()
+    return g
+
+
+def _expectation(model, ids, labels, sparse, subsets_with_prob):
+    total = None
+    for subset, prob in subsets_with_prob:
+        _, g = _grad_for(model, ids, labels, sparse, list(subset))
+        total = {k: prob * v for k, v in g.items()} if total is None else {k: total[k] + prob * g[k] for k in g}
+    return total
+
+
+@pytest.mark.parametrize(
+    "sparse",
+    [
+        {"rate": 0.4},
+        {"num_chunks": 2},  # p = t/k
+        {"rate": 0.3, "always_replay": [1, -1]},  # non-uniform pi
+    ],
+)
+def test_bernoulli_is_exactly_unbiased(sparse):
+    model, ids, labels = _setup()
+    g_seco = _seco(model, ids, labels)
+    pi = ChunkSampler(SparseConfig.from_dict(sparse)).probabilities([True] * K)
+    subsets = []
+    for r in range(K + 1):
+        for subset in itertools.combinations(range(K), r):
+            prob = math.prod(pi[c] if c in subset else 1 - pi[c] for c in range(K))
+            if prob > 0:
+                subsets.append((subset, prob))
+    assert abs(sum(p for _, p in subsets) - 1) < 1e-12
+    assert max_rel_err(_expectation(model, ids, labels, sparse, subsets), g_seco) < 1e-6
+
+
+def test_paper_sampler_is_biased():
+    model, ids, labels = _setup()
+    g_seco = _seco(model, ids, labels)
+    sparse = {"sampler": "paper", "num_chunks": 2}
+    subsets = [(s, 1 / math.comb(K, 2)) for s in itertools.combinations(range(K), 2)]
+    assert max_rel_err(_expectation(model, ids, labels, sparse, subsets), g_seco) > 1e-2
+
+
+def test_rate_one_equals_seco_exactly():
+    model, ids, labels = _setup()
+    ChunkScheduler({"chunk_size": C}).backward(model, ids, labels)
+    g_seco = grads(model)
+    model.zero_grad()
+    result, g = _grad_for(model, ids, labels, {"rate": 1.0}, None)
+    assert result.replayed == list(range(K))
+    assert all(torch.equal(g[k], g_seco[k]) for k in g)
+
+
+def test_reported_loss_is_the_full_loss_and_draws_reproduce():
+    model, ids, labels = _setup()
+    ref = reference_loss(model, ids, labels).item()
+    sched = ChunkScheduler({"chunk_size": C, "sparse": {"rate": 0.25, "seed": 7}})
+    draws = [sched.backward(model, ids, labels, step=s) for s in range(6)]
+    for r in draws:
+        assert abs(float(r.loss) - ref) < 1e-10
+        assert all(w == 4.0 for w in r.weights.values())
+    again = ChunkScheduler({"chunk_size": C, "sparse": {"rate": 0.25, "seed": 7}})
+    assert [again.backward(model, ids, labels, step=s).replayed for s in range(6)] == [r.replayed for r in draws]
+    assert len({tuple(r.replayed) for r in draws}) > 1
+    model.zero_grad()
+    quiet = ChunkScheduler({"chunk_size": C, "sparse": {"rate": 0.25, "report_loss": False}})
+    assert math.isnan(float(quiet.backward(model, ids, labels).loss))
+
+
+def test_draws_per_rank():
+    sampler = ChunkSampler(SparseConfig(rate=0.5, seed=1))
+    has = [True] * 16
+    assert sampler.weights(has, None, 3, rank=0) != sampler.weights(has, None, 3, rank=1)
+    same = ChunkSampler(SparseConfig(rate=0.5, seed=1, same_on_all_ranks=True))
+    assert same.weights(has, None, 3, rank=0) == same.weights(has, None, 3, rank=1)
+
+
+def test_supervised_chunks_always_replayed():
+    sampler = ChunkSampler(SparseConfig(rate=0.01, always_replay="supervised"))
+    has = [False] * 6 + [True] * 2
+    for step in range(20):
+        assert {6, 7} <= set(sampler.weights(has, None, step))
+
+
+def test_empty_draw_still_signals_boundary():
+    model, ids, labels = _setup()
+    calls = []
+    sched = ChunkScheduler({"chunk_size": C, "sparse": {"rate": 0.5}}, backward_fn=lambda s, last: calls.append(last))
+    result = sched.backward(model, ids, labels, sampled=[])
+    assert result.replayed == [] and calls == [True]
+
+
+def test_bad_sampled_override():
+    model, ids, labels = _setup()
+    with pytest.raises(ValueError, match="distinct"):
+        ChunkScheduler({"chunk_size": C, "sparse": {"rate": 0.5}}).backward(model, ids, labels, sampled=[0, 0])
+    with pytest.raises(ValueError, match="sparse"):
+        ChunkScheduler({"chunk_size": C}).backward(model, ids, labels, sampled=[0])
