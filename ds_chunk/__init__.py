@@ -19,10 +19,12 @@ _LAZY = {
     "UnsupportedModelError": "ds_chunk.adapter",
     "initialize": "ds_chunk.engine",
     "ChunkwiseEngine": "ds_chunk.engine",
+    "ChunkedLM": "ds_chunk.engine",
 }
 
 __all__ = [
     "ChunkResult",
+    "ChunkedLM",
     "ChunkScheduler",
     "ChunkwiseConfig",
     "ChunkwiseEngine",
@@ -34,7 +36,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ds_chunk.adapter import UnsupportedModelError
-    from ds_chunk.engine import ChunkwiseEngine, initialize
+    from ds_chunk.engine import ChunkedLM, ChunkwiseEngine, initialize
     from ds_chunk.scheduler import ChunkResult, ChunkScheduler
 
 

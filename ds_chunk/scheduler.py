@@ -37,6 +37,9 @@ BackwardFn = Callable[[torch.Tensor, bool], None]
 """backward_fn(scalar, is_last): backpropagate ``scalar``; ``is_last`` marks the last
 backward of the step (DeepSpeed's gradient-accumulation boundary)."""
 
+ForwardFn = Callable[[dict], torch.Tensor]
+"""forward_fn(decoder_kwargs) -> final hidden states [B, C, H] of one chunk."""
+
 
 def autograd_backward(scalar: torch.Tensor, is_last: bool) -> None:
     scalar.backward()
@@ -83,12 +86,13 @@ class ChunkScheduler:
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
-        num_tokens: int | None = None,
+        num_tokens: float | None = None,
         boundary: bool = True,
         sampled: list[int] | None = None,
         step: int | None = None,
         rank: int = 0,
         backward_fn: BackwardFn | None = None,
+        forward_fn: ForwardFn | None = None,
     ) -> ChunkResult:
         """Add d(loss)/d(param) to every trainable parameter's ``.grad``.
 
@@ -98,7 +102,9 @@ class ChunkScheduler:
         num_tokens: normaliser when several micro-batches form one step (default: this
         batch's supervised tokens). boundary: this batch ends the step, so its last
         backward is flagged ``is_last``. sampled/step/rank: SpaCO draw override, step
-        index (default: call count) and data-parallel rank.
+        index (default: call count) and data-parallel rank. forward_fn: runs the
+        decoder for one chunk (default: the model's own decoder; an engine routes it
+        through its forward so its backward hooks see the chunk).
         """
         hf = unwrap(model)
         check_supported(hf, input_ids.shape[-1])
@@ -107,7 +113,7 @@ class ChunkScheduler:
             attention_mask = None  # no padding: let attention take its fastest path
         target = prepare_labels(input_ids, labels, attention_mask)
         supervised = target != IGNORE_INDEX
-        n = int(supervised.sum()) if num_tokens is None else int(num_tokens)
+        n = int(supervised.sum()) if num_tokens is None else num_tokens
         if n == 0:
             raise ValueError("no supervised token in the batch: every label is -100 (ignored)")
         size = self.config.chunk_size if self.config.enabled else input_ids.shape[1]
@@ -116,7 +122,7 @@ class ChunkScheduler:
         weights = self._plan(has_loss, sampled, self.calls if step is None else step, rank)
         self.calls += 1
 
-        run = _ChunkRun(hf, input_ids, target, attention_mask, bounds, n, self.config.loss_chunk_size)
+        run = _ChunkRun(hf, input_ids, target, attention_mask, bounds, n, self.config.loss_chunk_size, forward_fn)
         if self.config.kv_offload:
             run.store.storage = torch.device("cpu")
         report = self.sampler is None or self.sampler.config.report_loss
@@ -145,8 +151,9 @@ class ChunkScheduler:
 class _ChunkRun:
     """The state of one scheduler call: the model's parts, the batch, the KV store."""
 
-    def __init__(self, hf, input_ids, target, attention_mask, bounds, normalizer, sub_chunk):
+    def __init__(self, hf, input_ids, target, attention_mask, bounds, normalizer, sub_chunk, forward_fn):
         self.decoder, self.lm_head = hf.get_decoder(), hf.get_output_embeddings()
+        self.forward_fn = forward_fn or (lambda kwargs: self.decoder(**kwargs)[0])
         self.cache_key = cache_kwarg(self.decoder)
         self.input_ids, self.target, self.mask = input_ids, target, attention_mask
         self.bounds, self.normalizer, self.sub_chunk = bounds, normalizer, sub_chunk
@@ -159,14 +166,14 @@ class _ChunkRun:
     def hidden(self, c: int, record: bool) -> tuple[torch.Tensor, ChunkCache]:
         s, e = self.bounds[c]
         cache = ChunkCache(self.store, c, record)
-        out = self.decoder(
-            input_ids=self.input_ids[:, s:e],
-            attention_mask=None if self.mask is None else self.mask[:, :e],
-            position_ids=torch.arange(s, e, device=self.input_ids.device).unsqueeze(0),
-            use_cache=True,
-            **{self.cache_key: cache},
-        )
-        return out[0], cache  # [B, e - s, H]
+        kwargs = {
+            "input_ids": self.input_ids[:, s:e],
+            "attention_mask": None if self.mask is None else self.mask[:, :e],
+            "position_ids": torch.arange(s, e, device=self.input_ids.device).unsqueeze(0),
+            "use_cache": True,
+            self.cache_key: cache,
+        }
+        return self.forward_fn(kwargs), cache  # [B, e - s, H]
 
     def loss(self, c: int, hidden: torch.Tensor) -> torch.Tensor:
         s, e = self.bounds[c]

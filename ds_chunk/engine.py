@@ -1,0 +1,199 @@
+"""DeepSpeed engine wrapper: chunk-wise backward between engine forward and one engine.step().
+
+    engine, optimizer, _, lr_scheduler = ds_chunk.initialize(model=model, config="ds.json")
+    for batch in loader:
+        loss = engine.train_batch(batch)  # every chunk's backward, then one engine.step()
+
+The chunk forwards go through ``engine(...)`` (so DeepSpeed's backward prologue hooks
+see them) and the backwards through ``engine.backward(..., scale_wrt_gas=False)`` with
+the accumulation boundary set on the last backward of the step only: with ZeRO-1/2,
+several backwards without that flag keep only the last one's gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ds_chunk.chunking import IGNORE_INDEX, prepare_labels
+from ds_chunk.config import ChunkwiseConfig
+from ds_chunk.kv import ChunkCache
+from ds_chunk.scheduler import ChunkScheduler
+
+OUR_BLOCKS = ("chunkwise", "model")  # top-level keys DeepSpeed ignores and we validate
+
+
+class ChunkedLM(nn.Module):
+    """The module DeepSpeed wraps: the HF model, plus a one-chunk decoder mode.
+
+    ``forward(**kw)`` is the HF model's forward. ``forward(chunk_inputs=kw)`` runs only
+    the decoder on one chunk and returns (hidden [B, C, H], the chunk's fresh K/V):
+    the K/V are outputs so DeepSpeed's backward hooks fire even for a chunk whose only
+    gradient is the one carried into its K/V.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, chunk_inputs: dict | None = None, **kwargs):
+        if chunk_inputs is None:
+            return self.module(*args, **kwargs)
+        hidden = self.module.get_decoder()(**chunk_inputs)[0]
+        cache = next(v for v in chunk_inputs.values() if isinstance(v, ChunkCache))
+        return hidden, [t for kv in cache.fresh.values() for t in kv]
+
+
+class ChunkwiseEngine:
+    """A DeepSpeed engine plus ``train_batch``; every other attribute is the engine's own."""
+
+    def __init__(self, engine, chunkwise: ChunkwiseConfig):
+        if engine.zero_optimization_stage() == 3:
+            raise ValueError(
+                "zero_optimization.stage = 3 is not supported by ds_chunk: ranks that run different numbers of "
+                "chunk forwards would deadlock in ZeRO-3's parameter all-gather. Use stage 2 with "
+                '"offload_optimizer": {"device": "cpu"} instead.'
+            )
+        if not isinstance(engine.module, ChunkedLM):
+            raise TypeError("wrap the model with ds_chunk.ChunkedLM before deepspeed.initialize / accelerator.prepare")
+        self.engine = engine
+        self.chunkwise = chunkwise
+        self.scheduler = ChunkScheduler(chunkwise, backward_fn=self._backward)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "engine":  # not yet set (e.g. while unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.engine, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The user's model (HF or peft), e.g. for ``save_pretrained``."""
+        return self.engine.module.module
+
+    def _backward(self, scalar: torch.Tensor, is_last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(is_last)  # read during backward: set before each
+        self.engine.backward(scalar, scale_wrt_gas=False)  # we normalise by the step's token count
+
+    def _forward(self, kwargs: dict) -> torch.Tensor:
+        return self.engine(chunk_inputs=kwargs)[0]
+
+    def _world(self) -> tuple[int, int]:
+        if not torch.distributed.is_initialized():
+            return 0, 1
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
+        if self._world()[1] > 1:
+            torch.distributed.all_reduce(value)
+        return value
+
+    def train_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One optimizer step on ``batch`` (input_ids, optional labels / attention_mask).
+
+        The batch's rows are this rank's micro-batches (gradient_accumulation_steps of
+        them). Returns the mean CE over every supervised token of the step, all ranks.
+        """
+        ids, labels, mask = (batch.get(k) for k in ("input_ids", "labels", "attention_mask"))
+        if ids is None:
+            raise KeyError("train_batch needs batch['input_ids']")
+        gas = self.engine.gradient_accumulation_steps()
+        if ids.shape[0] % gas:
+            raise ValueError(f"batch of {ids.shape[0]} rows does not split into gradient_accumulation_steps={gas}")
+        ids, labels, mask = (None if t is None else t.to(self.engine.device) for t in (ids, labels, mask))
+        rank, world = self._world()
+        # Mean over all supervised tokens of the step on all ranks; DeepSpeed averages
+        # the ranks' gradients, so each rank divides by (global count / world size).
+        local = (prepare_labels(ids, labels, mask) != IGNORE_INDEX).sum().double()
+        total = float(self._all_reduce(local.clone()))
+        if total == 0:
+            raise ValueError("no supervised token in the step: every label is -100 (ignored)")
+        micro, loss = ids.shape[0] // gas, torch.zeros((), dtype=torch.float64)
+        for j in range(gas):
+            rows = slice(j * micro, (j + 1) * micro)
+            result = self.scheduler.backward(
+                self.engine.module,
+                ids[rows],
+                None if labels is None else labels[rows],
+                None if mask is None else mask[rows],
+                num_tokens=total / world,
+                boundary=j == gas - 1,
+                step=self.engine.global_steps * gas + j,
+                rank=rank,
+                forward_fn=self._forward,
+            )
+            loss += result.loss
+        self.engine.step()
+        return self._all_reduce(loss) / world
+
+
+def load_ds_config(config: str | os.PathLike | dict) -> dict:
+    """A DeepSpeed config dict from a path or dict; rejects the "auto" values nothing will fill."""
+    if not isinstance(config, dict):
+        with open(config) as f:
+            config = json.load(f)
+    for key, value in _walk(config):
+        if value == "auto":
+            raise ValueError(
+                f'{key} = "auto": DeepSpeed does not resolve "auto" outside accelerate; give a concrete value'
+            )
+    return config
+
+
+def _walk(d: dict, prefix: str = ""):
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _walk(value, path + ".")
+        else:
+            yield path, value
+
+
+def initialize(
+    model: nn.Module | None = None,
+    config: str | os.PathLike | dict | None = None,
+    model_parameters=None,
+    optimizer=None,
+    lr_scheduler=None,
+    training_data=None,
+    collate_fn=None,
+    **kwargs,
+):
+    """Like ``deepspeed.initialize``, returning (ChunkwiseEngine, optimizer, dataloader, lr_scheduler).
+
+    config: a DeepSpeed config (path or dict) with optional top-level ``chunkwise``
+    and ``model`` blocks. Without ``model=``, the ``model`` block builds it (see
+    ``ds_chunk.model``). model_parameters default to the trainable parameters.
+    """
+    import deepspeed
+
+    if config is None:
+        raise ValueError("ds_chunk.initialize needs config= (a DeepSpeed config path or dict)")
+    ds_config = load_ds_config(config)
+    chunkwise = ChunkwiseConfig.from_ds_config(ds_config)
+    if model is None:
+        from ds_chunk.model import ModelConfig, build_model
+
+        if "model" not in ds_config:
+            raise ValueError('pass model= or give the config a top-level "model" block')
+        model = build_model(ModelConfig.from_dict(ds_config["model"]))
+    module = model if isinstance(model, ChunkedLM) else ChunkedLM(model)
+    if model_parameters is None:
+        model_parameters = [p for p in module.parameters() if p.requires_grad]
+    engine, optimizer, loader, lr_scheduler = deepspeed.initialize(
+        model=module,
+        config={k: v for k, v in ds_config.items() if k not in OUR_BLOCKS},
+        model_parameters=model_parameters,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        training_data=training_data,
+        collate_fn=collate_fn,
+        **kwargs,
+    )
+    return ChunkwiseEngine(engine, chunkwise), optimizer, loader, lr_scheduler

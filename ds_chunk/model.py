@@ -1,0 +1,187 @@
+"""Build the model: HF causal LM, optional bitsandbytes 4/8-bit base weights, peft LoRA.
+
+A recipe lives in the top-level ``"model"`` block of the same DeepSpeed JSON config
+that carries ``"chunkwise"`` (DeepSpeed ignores unknown top-level keys), e.g.::
+
+    "model": {"name_or_path": "meta-llama/Meta-Llama-3-8B", "dtype": "bfloat16",
+              "quantization": {"bits": 4}, "lora": {"r": 8, "alpha": 16}}
+
+``name_or_path`` may be a hub id or a local directory; ``config`` (a transformers
+config dict with ``model_type``) builds a randomly initialised model instead, offline.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from ds_chunk.config import ConfigError, _bool, _check_keys, _choice, _int, _reject_auto
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _dtype(key: str, value: Any) -> str:
+    return _choice(key, value, tuple(DTYPES))
+
+
+def _float(key: str, value: Any, lo: float, hi: float) -> float:
+    _reject_auto(key, value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise ConfigError(key, value, f"a number in [{lo}, {hi}]")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """bitsandbytes quantization of the base weights (``model.quantization``)."""
+
+    bits: int = 4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    quant_storage: str | None = None  # = compute dtype for ZeRO-3 (peft docs)
+
+    @classmethod
+    def from_dict(cls, b: dict, prefix: str = "model.quantization") -> QuantConfig:
+        _check_keys(prefix, b, cls)
+        bits = b.get("bits", 4)
+        if bits not in (4, 8) or isinstance(bits, bool):
+            raise ConfigError(f"{prefix}.bits", bits, "4 or 8")
+        storage = b.get("quant_storage")
+        return cls(
+            bits=bits,
+            quant_type=_choice(f"{prefix}.quant_type", b.get("quant_type", "nf4"), ("nf4", "fp4")),
+            double_quant=_bool(f"{prefix}.double_quant", b.get("double_quant", True)),
+            compute_dtype=_dtype(f"{prefix}.compute_dtype", b.get("compute_dtype", "bfloat16")),
+            quant_storage=None if storage is None else _dtype(f"{prefix}.quant_storage", storage),
+        )
+
+    def to_hf(self):
+        from transformers import BitsAndBytesConfig
+
+        if self.bits == 8:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=DTYPES[self.compute_dtype],
+            bnb_4bit_quant_storage=DTYPES[self.quant_storage] if self.quant_storage else torch.uint8,
+        )
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """peft LoRA (``model.lora``). target_modules "all-linear": every linear but the LM head."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | tuple[str, ...] = "all-linear"
+
+    @classmethod
+    def from_dict(cls, b: dict, prefix: str = "model.lora") -> LoraSettings:
+        _check_keys(prefix, b, cls)
+        targets = b.get("target_modules", "all-linear")
+        _reject_auto(f"{prefix}.target_modules", targets)
+        if targets != "all-linear":
+            if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+                raise ConfigError(f"{prefix}.target_modules", targets, '"all-linear" or a list of module names')
+            targets = tuple(targets)
+        return cls(
+            r=_int(f"{prefix}.r", b.get("r", 8), 1),
+            alpha=_int(f"{prefix}.alpha", b.get("alpha", 16), 1),
+            dropout=_float(f"{prefix}.dropout", b.get("dropout", 0.0), 0.0, 1.0),
+            target_modules=targets,
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The top-level ``model`` block: what to load and how to make it trainable."""
+
+    name_or_path: str | None = None
+    config: dict | None = None
+    dtype: str = "bfloat16"
+    quantization: QuantConfig | None = None
+    lora: LoraSettings | None = None
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, b: dict, prefix: str = "model") -> ModelConfig:
+        _check_keys(prefix, b, cls)
+        name, config = b.get("name_or_path"), b.get("config")
+        if (name is None) == (config is None):
+            raise ConfigError(f"{prefix}.name_or_path/config", {"name_or_path": name, "config": config}, "exactly one")
+        if config is not None and (not isinstance(config, dict) or "model_type" not in config):
+            raise ConfigError(f"{prefix}.config", config, 'a transformers config dict with "model_type"')
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"{prefix}.name_or_path", name, "a hub id or a local path")
+        quant, lora = b.get("quantization"), b.get("lora")
+        return cls(
+            name_or_path=name,
+            config=config,
+            dtype=_dtype(f"{prefix}.dtype", b.get("dtype", "bfloat16")),
+            quantization=None if quant is None else QuantConfig.from_dict(quant, f"{prefix}.quantization"),
+            lora=None if lora is None else LoraSettings.from_dict(lora, f"{prefix}.lora"),
+            gradient_checkpointing=_bool(f"{prefix}.gradient_checkpointing", b.get("gradient_checkpointing", False)),
+            attn_implementation=_choice(
+                f"{prefix}.attn_implementation",
+                b.get("attn_implementation", "sdpa"),
+                ("sdpa", "eager", "flash_attention_2"),
+            ),
+            seed=_int(f"{prefix}.seed", b.get("seed", 0), 0),
+        )
+
+    def replace(self, **changes) -> ModelConfig:
+        return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Load (or build from config) the causal LM, quantize, prepare for k-bit training, add LoRA."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = DTYPES[cfg.dtype]
+    kwargs = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    if cfg.config is not None:
+        hf_config = AutoConfig.for_model(**cfg.config)
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
+        if cfg.quantization is not None:  # bitsandbytes quantizes on load: go through a checkpoint
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                model = AutoModelForCausalLM.from_pretrained(
+                    tmp, quantization_config=cfg.quantization.to_hf(), **kwargs
+                )
+    else:
+        quant = {} if cfg.quantization is None else {"quantization_config": cfg.quantization.to_hf()}
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs, **quant)
+    ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks ZeRO-2 and our replay
+    if cfg.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
+        )
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+    if cfg.lora is not None:
+        model = add_lora(model, cfg.lora)
+    model.train()  # from_pretrained leaves eval mode; dropout and bitsandbytes need train mode
+    return model
+
+
+def add_lora(model: nn.Module, lora: LoraSettings) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)

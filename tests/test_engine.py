@@ -1,0 +1,134 @@
+"""ds_chunk.initialize + engine.train_batch against plain backprop + torch AdamW."""
+
+import copy
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from engine_ref import ds_config, lora_model, max_param_err, reference_steps
+
+import ds_chunk
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_process_env():
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _batches(n=3, rows=4, seq=40):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 97, (rows, seq), generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    "stage, offload, gas",
+    [(0, False, 1), (1, False, 2), (1, True, 1), (2, False, 2), (2, True, 2)],
+)
+def test_train_batch_matches_torch_adamw(stage, offload, gas):
+    model, batches = lora_model(), _batches()
+    ref, ref_losses = reference_steps(model, batches)
+    engine, *_ = ds_chunk.initialize(model=copy.deepcopy(model), config=ds_config(stage, offload, 4 // gas, gas))
+    losses = [engine.train_batch({"input_ids": ids}).item() for ids in batches]
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert max_param_err(engine.hf_model, ref) < 1e-5
+    assert engine.global_steps == len(batches)
+
+
+def test_bf16_matches_deepspeeds_own_unchunked_loop():
+    """bf16: train_batch against the standard engine(...) / engine.backward / engine.step loop."""
+    model, batches = lora_model(), _batches(3)
+    plain, *_ = ds_chunk.initialize(model=copy.deepcopy(model), config=ds_config(2, False, 4, bf16=True))
+    want = []
+    for ids in batches:
+        loss = plain(input_ids=ids, labels=ids).loss
+        plain.backward(loss)
+        plain.step()
+        want.append(loss.item())
+    engine, *_ = ds_chunk.initialize(model=copy.deepcopy(model), config=ds_config(2, False, 4, bf16=True))
+    got = [engine.train_batch({"input_ids": ids}).item() for ids in batches]
+    assert got == pytest.approx(want, rel=1e-2)
+
+
+def test_boundary_only_on_last_backward_of_step():
+    engine, *_ = ds_chunk.initialize(model=lora_model(), config=ds_config(2, False, 2, gas=2))
+    flags = []
+    original = engine.engine.set_gradient_accumulation_boundary
+    engine.engine.set_gradient_accumulation_boundary = lambda b: (flags.append(b), original(b))
+    engine.train_batch({"input_ids": _batches(1)[0]})  # 2 micro-batches x 3 chunks of 16
+    assert flags == [False] * 5 + [True]
+
+
+def test_padding_labels_and_chunking_disabled():
+    model = lora_model()
+    ids = _batches(1)[0]
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    cfg = ds_config(2, False, 4)
+    del cfg["chunkwise"]  # a user's plain DeepSpeed config: one chunk
+    engine, *_ = ds_chunk.initialize(model=copy.deepcopy(model), config=cfg)
+    assert not engine.chunkwise.enabled
+    plain = engine.train_batch({"input_ids": ids, "attention_mask": mask}).item()
+    engine, *_ = ds_chunk.initialize(model=copy.deepcopy(model), config=ds_config(2, False, 4, chunk=8))
+    assert engine.train_batch({"input_ids": ids, "attention_mask": mask}).item() == pytest.approx(plain, rel=1e-6)
+
+
+def test_zero3_and_auto_are_refused(tmp_path):
+    cfg = ds_config(3, False)
+    with pytest.raises(ValueError, match="stage = 3"):
+        ds_chunk.initialize(model=lora_model(), config=cfg)
+    cfg = ds_config(2, False)
+    cfg["train_micro_batch_size_per_gpu"] = "auto"
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match='train_micro_batch_size_per_gpu = "auto"'):
+        ds_chunk.initialize(model=lora_model(), config=path)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_from_recipe_learns(bits):
+    cfg = ds_config(2, False, 2)
+    cfg["model"] = {
+        "config": {
+            "model_type": "llama",
+            "vocab_size": 64,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        "dtype": "float32",
+        "quantization": {"bits": bits, "compute_dtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    }
+    cfg["optimizer"]["params"]["lr"] = 3e-3
+    engine, *_ = ds_chunk.initialize(config=cfg)
+    ids = torch.arange(32).repeat(2, 2) % 64  # a sequence that repeats: learnable
+    losses = [engine.train_batch({"input_ids": ids}).item() for _ in range(8)]
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_rank_with_both_rows(tmp_path):
+    model, batches = lora_model(), _batches(2, rows=2)
+    ref, ref_losses = reference_steps(model, batches)
+    script = os.path.join(os.path.dirname(__file__), "scripts", "two_rank.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", script, "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = torch.load(tmp_path / "rank0.pt")
+    assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    pb = dict(ref.named_parameters())
+    err = max(float((result["params"][k] - pb[k]).abs().max() / pb[k].abs().max()) for k in result["params"])
+    assert err < 1e-5
