@@ -152,6 +152,8 @@ class ChunkwiseConfig:
     loss_chunk_size: tokens per LM-head/cross-entropy sub-chunk, so a chunk's full
         [chunk x vocab] logits never exist at once; null = the whole chunk.
     kv_offload: keep the KV leaves and their gradients in host memory.
+    truncate: baseline only, for comparison: carry no gradient across chunk boundaries
+        (truncated backprop); the gradient is then NOT the full-sequence gradient.
     """
 
     enabled: bool = True
@@ -159,6 +161,7 @@ class ChunkwiseConfig:
     sparse: SparseConfig | None = None
     loss_chunk_size: int | None = None
     kv_offload: bool = False
+    truncate: bool = False
 
     @classmethod
     def from_dict(cls, block: dict | None, prefix: str = "chunkwise") -> ChunkwiseConfig:
@@ -174,6 +177,7 @@ class ChunkwiseConfig:
             sparse=None if sparse is None else SparseConfig.from_dict(sparse, f"{prefix}.sparse"),
             loss_chunk_size=_int(f"{prefix}.loss_chunk_size", b.get("loss_chunk_size"), 1, optional=True),
             kv_offload=_bool(f"{prefix}.kv_offload", b.get("kv_offload", False)),
+            truncate=_bool(f"{prefix}.truncate", b.get("truncate", False)),
         )
 
     @classmethod

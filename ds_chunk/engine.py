@@ -63,6 +63,7 @@ class ChunkwiseEngine:
         self.engine = engine
         self.chunkwise = chunkwise
         self.scheduler = ChunkScheduler(chunkwise, backward_fn=self._backward)
+        self.last_results: list = []  # ChunkResult of each micro-batch of the last step
 
     def __getattr__(self, name: str) -> Any:
         if name == "engine":  # not yet set (e.g. while unpickling): no recursion
@@ -84,13 +85,14 @@ class ChunkwiseEngine:
     def _forward(self, kwargs: dict) -> torch.Tensor:
         return self.engine(chunk_inputs=kwargs)[0]
 
-    def _world(self) -> tuple[int, int]:
+    def rank_and_world(self) -> tuple[int, int]:
+        """(data-parallel rank, world size); (0, 1) without torch.distributed."""
         if not torch.distributed.is_initialized():
             return 0, 1
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
     def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
-        if self._world()[1] > 1:
+        if self.rank_and_world()[1] > 1:
             torch.distributed.all_reduce(value)
         return value
 
@@ -107,7 +109,7 @@ class ChunkwiseEngine:
         if ids.shape[0] % gas:
             raise ValueError(f"batch of {ids.shape[0]} rows does not split into gradient_accumulation_steps={gas}")
         ids, labels, mask = (None if t is None else t.to(self.engine.device) for t in (ids, labels, mask))
-        rank, world = self._world()
+        rank, world = self.rank_and_world()
         # Mean over all supervised tokens of the step on all ranks; DeepSpeed averages
         # the ranks' gradients, so each rank divides by (global count / world size).
         local = (prepare_labels(ids, labels, mask) != IGNORE_INDEX).sum().double()
@@ -115,6 +117,7 @@ class ChunkwiseEngine:
         if total == 0:
             raise ValueError("no supervised token in the step: every label is -100 (ignored)")
         micro, loss = ids.shape[0] // gas, torch.zeros((), dtype=torch.float64)
+        self.last_results = []
         for j in range(gas):
             rows = slice(j * micro, (j + 1) * micro)
             result = self.scheduler.backward(
@@ -129,6 +132,7 @@ class ChunkwiseEngine:
                 forward_fn=self._forward,
             )
             loss += result.loss
+            self.last_results.append(result)
         self.engine.step()
         return self._all_reduce(loss) / world
 

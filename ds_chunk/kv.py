@@ -36,12 +36,19 @@ class KVStore:
 
     def put(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.storage is not None:
-            pin = self.storage.type == "cpu" and k.is_cuda
-            k, v = (t.to(self.storage, non_blocking=pin) for t in (k, v))
+            k, v = self._to_storage(k), self._to_storage(v)
         self.keys[layer].append(k.detach())
         self.values[layer].append(v.detach())
         if layer == 0:
             self.lengths.append(k.shape[-2])
+
+    def _to_storage(self, t: torch.Tensor) -> torch.Tensor:
+        if t.device == self.storage:
+            return t.clone()  # the copy a real device would make, so the CPU tests run this path
+        # pinned host memory: the device-to-host copy runs asynchronously, and later
+        # host-to-device fetches on the same stream are ordered after it
+        host = torch.empty(t.shape, dtype=t.dtype, device=self.storage, pin_memory=t.is_cuda)
+        return host.copy_(t, non_blocking=t.is_cuda)
 
     def prefix_len(self, chunk: int) -> int:
         return sum(self.lengths[:chunk])

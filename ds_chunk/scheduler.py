@@ -13,6 +13,7 @@ this is exactly full backprop (SeCO); SpaCO replays a sample with w_i = 1/pi_i.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -122,9 +123,7 @@ class ChunkScheduler:
         weights = self._plan(has_loss, sampled, self.calls if step is None else step, rank)
         self.calls += 1
 
-        run = _ChunkRun(hf, input_ids, target, attention_mask, bounds, n, self.config.loss_chunk_size, forward_fn)
-        if self.config.kv_offload:
-            run.store.storage = torch.device("cpu")
+        run = _ChunkRun(hf, self.config, input_ids, target, attention_mask, bounds, n, forward_fn)
         report = self.sampler is None or self.sampler.config.report_loss
         with no_cpu_inference_packing(hf):
             loss = run.forward_pass(weights, report and self.sampler is not None, has_loss)
@@ -142,22 +141,27 @@ class ChunkScheduler:
             weights = dict.fromkeys(range(k), 1.0)
         else:
             weights = self.sampler.weights(has_loss, sampled, step, rank)
-        # A chunk after the last supervised one has no loss and receives no carried
-        # gradient: replaying it adds exactly zero.
-        last = max((c for c in range(k) if has_loss[c]), default=-1)
-        return {c: w for c, w in weights.items() if c <= last}
+        # A chunk contributes only through its own loss or through the gradient that a
+        # later replayed chunk sends into its K/V; replaying any other adds exactly zero.
+        keep: dict[int, float] = {}
+        for c in sorted(weights, reverse=True):
+            if has_loss[c] or (keep and not self.config.truncate):
+                keep[c] = weights[c]
+        return dict(sorted(keep.items()))
 
 
 class _ChunkRun:
     """The state of one scheduler call: the model's parts, the batch, the KV store."""
 
-    def __init__(self, hf, input_ids, target, attention_mask, bounds, normalizer, sub_chunk, forward_fn):
+    def __init__(self, hf, config: ChunkwiseConfig, input_ids, target, attention_mask, bounds, normalizer, forward_fn):
         self.decoder, self.lm_head = hf.get_decoder(), hf.get_output_embeddings()
         self.forward_fn = forward_fn or (lambda kwargs: self.decoder(**kwargs)[0])
         self.cache_key = cache_kwarg(self.decoder)
         self.input_ids, self.target, self.mask = input_ids, target, attention_mask
-        self.bounds, self.normalizer, self.sub_chunk = bounds, normalizer, sub_chunk
-        self.store = KVStore(hf.config.get_text_config().num_hidden_layers)
+        self.bounds, self.normalizer = bounds, normalizer
+        self.sub_chunk, self.truncate = config.loss_chunk_size, config.truncate
+        storage = torch.device("cpu") if config.kv_offload else None
+        self.store = KVStore(hf.config.get_text_config().num_hidden_layers, storage)
         self.rng = RngTape(input_ids.device)
         self.trainable = [p for p in hf.parameters() if p.requires_grad]
         if not self.trainable:
@@ -198,14 +202,22 @@ class _ChunkRun:
                 loss += self.loss(c, h).double().cpu()
         self.rng.record(stop)  # what chunk `stop` sees, and the state we leave behind
         self.end = stop
-        self.store.require_grad([c for c in weights if c != max(weights)])
+        if not self.truncate:
+            self.store.require_grad([c for c in weights if c != max(weights)])
         return loss
+
+    def offload_saved(self):
+        """With kv_offload, the tensors autograd saves during a replay (among them the
+        joined prefix K/V that attention keeps) wait in host memory until backward."""
+        if self.store.storage is None:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=self.input_ids.is_cuda)
 
     def replay(self, weights: dict[int, float], backward_fn: BackwardFn, boundary: bool) -> torch.Tensor:
         """Reverse replay with autograd; returns the unweighted loss of the replayed chunks."""
         loss = torch.zeros((), dtype=torch.float64)
         order = sorted(weights, reverse=True)
-        with cache_under_checkpointing(self.decoder):
+        with cache_under_checkpointing(self.decoder), self.offload_saved():
             for c in order:
                 carried = self.store.pop_grads(c)
                 self.rng.replay(c)

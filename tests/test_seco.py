@@ -125,16 +125,18 @@ def test_dropout_masks_replayed_consistently():
         torch.testing.assert_close(replayed[key], stored[key], rtol=0, atol=0)
 
 
-def test_truncated_backprop_is_detected(monkeypatch):
-    """If cross-chunk gradient were dropped, the equality test above would fail."""
+def test_truncated_backprop_is_detected():
+    """Cutting gradient at chunk boundaries (the `truncate` baseline) fails the equality above."""
     model = tiny_model("llama")
     ids = torch.randint(0, 97, (1, 40))
-    reference_loss(model, ids).backward()
+    labels = ids.masked_fill(torch.arange(40) < 20, -100)  # chunks 0-1 unsupervised: they learn only via KV
+    reference_loss(model, ids, labels).backward()
     g_ref = grads(model)
     model.zero_grad()
-    monkeypatch.setattr(KVStore, "require_grad", lambda self, chunks: None)
-    ChunkScheduler({"chunk_size": 10}).backward(model, ids)
+    result = ChunkScheduler({"chunk_size": 10, "truncate": True}).backward(model, ids, labels)
+    assert result.replayed == [1, 2, 3]  # chunk 1 holds the target of position 19
     assert max_rel_err(grads(model), g_ref) > 1e-2
+    assert abs(float(result.loss) - reference_loss(model, ids, labels).item()) < 1e-10
 
 
 def test_backward_fn_sees_one_boundary():

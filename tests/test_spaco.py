@@ -14,11 +14,12 @@ from ds_chunk.sampling import ChunkSampler
 K, C = 5, 8  # 5 chunks of 8 tokens
 
 
-def _setup():
+def _setup(prompt: int = 0):
     model = tiny_model("llama")
     ids = torch.randint(0, 97, (2, K * C), generator=torch.Generator().manual_seed(2))
     labels = ids.clone()
     labels[0, :12] = -100  # chunk 0 supervised only in row 1
+    labels[:, :prompt] = -100  # an unsupervised prompt: its chunks learn only through their K/V
     return model, ids, labels
 
 
@@ -45,17 +46,20 @@ def _expectation(model, ids, labels, sparse, subsets_with_prob):
 
 
 @pytest.mark.parametrize(
-    "sparse",
+    "sparse, prompt",
     [
-        {"rate": 0.4},
-        {"num_chunks": 2},  # p = t/k
-        {"rate": 0.3, "always_replay": [1, -1]},  # non-uniform pi
+        ({"rate": 0.4}, 0),
+        ({"num_chunks": 2}, 0),  # p = t/k
+        ({"rate": 0.3, "always_replay": [1, -1]}, 0),  # non-uniform pi
+        ({"rate": 0.5, "always_replay": "supervised"}, 2 * C + 1),  # chunks 0-1 only feed later chunks
     ],
 )
-def test_bernoulli_is_exactly_unbiased(sparse):
-    model, ids, labels = _setup()
+def test_bernoulli_is_exactly_unbiased(sparse, prompt):
+    model, ids, labels = _setup(prompt)
     g_seco = _seco(model, ids, labels)
-    pi = ChunkSampler(SparseConfig.from_dict(sparse)).probabilities([True] * K)
+    # chunk c predicts the labels at positions c*C+1 .. (c+1)*C
+    has_loss = [bool((labels[:, c * C + 1 : (c + 1) * C + 1] != -100).any()) for c in range(K)]
+    pi = ChunkSampler(SparseConfig.from_dict(sparse)).probabilities(has_loss)
     subsets = []
     for r in range(K + 1):
         for subset in itertools.combinations(range(K), r):

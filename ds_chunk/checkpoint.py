@@ -1,0 +1,71 @@
+"""Atomic checkpoints: a LoRA adapter in peft format plus a DeepSpeed checkpoint for resume.
+
+Layout: ``<dir>/step_<N>/{adapter/ (or model/ without LoRA), ds/, state.json}`` and ``<dir>/latest`` (the name of
+the newest complete step). Each step is written under a temporary name and renamed
+into place only when complete, and ``latest`` is replaced atomically after that, so a
+crash at any moment leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, root: str, step: int, state: dict) -> str:
+    """Write step ``step`` (all ranks call this: DeepSpeed's save is collective)."""
+    final = os.path.join(root, f"step_{step}")
+    tmp = os.path.join(root, f".tmp_step_{step}")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a crash during an earlier save
+        os.makedirs(tmp)
+    _barrier()
+    engine.save_checkpoint(tmp, tag="ds", client_state={"ds_chunk": state}, save_latest=False)
+    if _rank() == 0:
+        model = engine.hf_model  # peft saves just the adapter; a plain model saves itself
+        model.save_pretrained(os.path.join(tmp, "adapter" if hasattr(model, "peft_config") else "model"))
+        _write_atomic(os.path.join(tmp, "state.json"), json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        _write_atomic(os.path.join(root, "latest"), f"step_{step}")
+    _barrier()
+    return final
+
+
+def latest(root: str) -> str | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    path = os.path.join(root, "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        step_dir = os.path.join(root, f.read().strip())
+    return step_dir if os.path.isdir(step_dir) else None
+
+
+def load(engine, step_dir: str) -> dict:
+    """Restore model, optimizer, LR schedule and engine counters; return our saved state."""
+    _, client = engine.load_checkpoint(step_dir, tag="ds")
+    if client is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint in {step_dir}/ds")
+    return client["ds_chunk"]

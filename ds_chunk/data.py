@@ -1,0 +1,190 @@
+"""Training data: synthetic long-range tasks (offline), JSONL / HF datasets, collation.
+
+Every dataset here is a sequence of examples ``{"input_ids": [T], "labels": [T]}`` indexed
+deterministically, and ``batches(dataset, batch_size, seed, start)`` yields batches in an
+order that depends only on (seed, epoch): resuming at batch ``start`` replays exactly
+the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ds_chunk.chunking import IGNORE_INDEX
+
+Example = dict[str, torch.Tensor]
+
+
+class RecallTask:
+    """The second half of each sequence repeats the first; loss on the second half only.
+
+    A token at position t >= T/2 is predictable only from position t - T/2, so with
+    chunks shorter than T/2 the loss can fall only if gradient crosses chunk boundaries.
+    """
+
+    def __init__(self, num_examples: int, seq_len: int, vocab_size: int, seed: int = 0):
+        if seq_len < 2 or seq_len % 2:
+            raise ValueError(f"recall task needs an even seq_len >= 2, got {seq_len}")
+        self.n, self.seq_len, self.vocab, self.seed = num_examples, seq_len, vocab_size, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Example:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        half = torch.randint(0, self.vocab, (self.seq_len // 2,), generator=g)
+        ids = torch.cat([half, half])
+        labels = ids.clone()
+        labels[: self.seq_len // 2] = IGNORE_INDEX
+        return {"input_ids": ids, "labels": labels}
+
+
+class PasskeyTask:
+    """Filler tokens with a key of ``key_len`` tokens near the start, asked for at the end.
+
+    Layout: [filler... MARK key filler...] QUERY key; loss on the final key tokens only.
+    Token ids: 0 = MARK, 1 = QUERY, filler from [2, vocab/2), key from [vocab/2, vocab).
+    """
+
+    def __init__(self, num_examples: int, seq_len: int, vocab_size: int, key_len: int = 4, seed: int = 0):
+        if vocab_size < 8 or seq_len < 4 * key_len + 4:
+            raise ValueError(f"passkey task needs vocab_size >= 8 and seq_len >= {4 * key_len + 4}")
+        self.n, self.seq_len, self.vocab, self.key_len, self.seed = num_examples, seq_len, vocab_size, key_len, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Example:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        half, k = self.vocab // 2, self.key_len
+        ids = torch.randint(2, half, (self.seq_len,), generator=g)
+        key = torch.randint(half, self.vocab, (k,), generator=g)
+        at = int(torch.randint(0, self.seq_len // 4, (1,), generator=g))  # early in the sequence
+        ids[at] = 0
+        ids[at + 1 : at + 1 + k] = key
+        ids[-k - 1] = 1
+        ids[-k:] = key
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[-k:] = key
+        return {"input_ids": ids, "labels": labels}
+
+
+class TokenizedDataset:
+    """Examples from JSONL / HF ``datasets`` records, tokenized once up front.
+
+    Records with "text" are packed into ``seq_len`` blocks (loss on every token).
+    Records with "messages" (chat) or "prompt" + "response"/"completion" are
+    instruction samples: loss on the answer tokens only, truncated to ``seq_len``.
+    """
+
+    def __init__(self, records: Sequence[dict], tokenizer, seq_len: int):
+        texts, pairs = [], []
+        for n, rec in enumerate(records):
+            if "text" in rec:
+                texts.append(rec["text"])
+            elif "messages" in rec or "prompt" in rec:
+                pairs.append(_prompt_answer(rec, n))
+            else:
+                raise ValueError(f"record {n}: expected a 'text', 'messages' or 'prompt' field, got {sorted(rec)}")
+        self.examples = _pack(texts, tokenizer, seq_len) + [_instruction(p, a, tokenizer, seq_len) for p, a in pairs]
+        self.examples = [e for e in self.examples if (e["labels"][1:] != IGNORE_INDEX).any()]
+        if not self.examples:
+            raise ValueError("the dataset has no example with a supervised token")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+def _prompt_answer(rec: dict, n: int) -> tuple[object, str]:
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not msgs or msgs[-1].get("role") != "assistant":
+            raise ValueError(f"record {n}: 'messages' must end with an assistant turn")
+        return msgs[:-1], msgs[-1]["content"]
+    answer = rec.get("response", rec.get("completion"))
+    if answer is None:
+        raise ValueError(f"record {n}: a 'prompt' needs a 'response' or 'completion'")
+    return rec["prompt"], answer
+
+
+def _instruction(prompt, answer: str, tokenizer, seq_len: int) -> Example:
+    """Prompt via the chat template where the tokenizer has one; labels on the answer only."""
+    if isinstance(prompt, list) or getattr(tokenizer, "chat_template", None):
+        msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        p_ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        p_ids = p_ids["input_ids"] if isinstance(p_ids, dict) else list(p_ids)
+    else:
+        p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id or 0]
+    ids = torch.tensor((p_ids + a_ids)[:seq_len])
+    labels = ids.clone()
+    labels[: len(p_ids)] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+def _pack(texts: list[str], tokenizer, seq_len: int) -> list[Example]:
+    if not texts:
+        return []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream = [t for text in texts for t in tokenizer(text, add_special_tokens=True)["input_ids"] + eos]
+    blocks = [torch.tensor(stream[s : s + seq_len]) for s in range(0, len(stream), seq_len)]
+    return [{"input_ids": b, "labels": b.clone()} for b in blocks if len(b) > 1]
+
+
+def load_records(source: str) -> list[dict]:
+    """JSONL file, or ``hf:<dataset name>[:split]`` through the ``datasets`` package."""
+    if source.startswith("hf:"):
+        try:
+            import datasets
+        except ImportError as e:
+            raise ValueError("hf: data sources need the 'datasets' package: pip install datasets") from e
+        name, _, split = source[3:].partition(":")
+        return list(datasets.load_dataset(name, split=split or "train"))
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"data file not found: {source}")
+    with open(source) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if not records:
+        raise ValueError(f"{source}: the dataset is empty")
+    return records
+
+
+def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: pads have attention_mask 0 and label -100."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    out = {
+        "input_ids": torch.zeros(len(examples), longest, dtype=torch.long),
+        "labels": torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long),
+        "attention_mask": torch.zeros(len(examples), longest, dtype=torch.long),
+    }
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        out["input_ids"][row, :n], out["labels"][row, :n], out["attention_mask"][row, :n] = (
+            e["input_ids"],
+            e["labels"],
+            1,
+        )
+    return out
+
+
+def batches(dataset, batch_size: int, seed: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Shuffled batches forever (a new permutation each epoch), from batch ``start`` on.
+
+    Incomplete final batches of an epoch are dropped, so every batch has batch_size rows.
+    """
+    per_epoch = len(dataset) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"dataset of {len(dataset)} examples is smaller than one batch of {batch_size}")
+    step = start
+    while True:
+        epoch, i = divmod(step, per_epoch)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
+        yield collate([dataset[int(j)] for j in order[i * batch_size : (i + 1) * batch_size]])
+        step += 1

@@ -1,0 +1,122 @@
+"""launch/train.py: resume equality, atomic checkpoints, both launchers, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "launch"))
+import train  # noqa: E402
+
+SMALL = ["--seq-len", "128", "--chunk-size", "32", "--eval-every", "1000", "--eval-batches", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _port(monkeypatch):
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", "29521")
+
+
+def _losses(history):
+    return [r["loss"] for r in history if "loss" in r]
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = _losses(train.main([*SMALL, "--max-steps", "6", "--output-dir", str(tmp_path / "a")]))
+    first = train.main([*SMALL, "--max-steps", "3", "--save-every", "3", "--output-dir", str(tmp_path / "b")])
+    rest = train.main([*SMALL, "--max-steps", "6", "--resume", "--output-dir", str(tmp_path / "b")])
+    assert _losses(first) + _losses(rest) == full  # bitwise: same data, optimizer state and step count
+    assert os.path.isfile(tmp_path / "b" / "checkpoints" / "step_3" / "model" / "config.json")
+
+
+def test_spaco_resume_replays_the_same_draws(tmp_path):
+    args = [*SMALL, "--sparse-rate", "0.5"]
+    full = train.main([*args, "--max-steps", "4", "--output-dir", str(tmp_path / "a")])
+    train.main([*args, "--max-steps", "2", "--save-every", "2", "--output-dir", str(tmp_path / "b")])
+    rest = train.main([*args, "--max-steps", "4", "--resume", "--output-dir", str(tmp_path / "b")])
+    assert [r["replayed"] for r in rest if "loss" in r] == [r["replayed"] for r in full if "loss" in r][2:]
+    assert _losses(rest) == _losses(full)[2:]
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    from ds_chunk import checkpoint
+
+    out = tmp_path / "run"
+    train.main([*SMALL, "--max-steps", "2", "--save-every", "2", "--output-dir", str(out)])
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.os, "rename", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train.main([*SMALL, "--max-steps", "4", "--save-every", "2", "--resume", "--output-dir", str(out)])
+    monkeypatch.undo()
+    assert checkpoint.latest(str(out / "checkpoints")).endswith("step_2")
+    monkeypatch.setenv("MASTER_PORT", "29521")
+    rest = train.main([*SMALL, "--max-steps", "3", "--resume", "--output-dir", str(out)])
+    assert [r["step"] for r in rest if "loss" in r] == [3]
+
+
+def _cli(*args, launcher=(), timeout=600):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    cmd = [*launcher, *(["launch/train.py"] if launcher else [sys.executable, "launch/train.py"]), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "missing.jsonl"], "error: data file not found: missing.jsonl"),
+        (["--deepspeed_config", "nope.json"], "error: DeepSpeed config not found: nope.json"),
+        (["--chunk-size", "0"], "error: chunkwise.chunk_size = 0: expected an integer >= 1"),
+        (["--seq-len", "10000"], "error: sequence of 10000 tokens exceeds the model's max_position_embeddings=8192"),
+    ],
+)
+def test_errors_are_one_line(args, message):
+    proc = _cli(*args, "--max-steps", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in proc.stderr
+
+
+def test_dataset_errors(tmp_path):
+    from ds_chunk.data import TokenizedDataset, load_records
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        load_records(str(empty))
+
+    class Tok:  # whitespace tokenizer: enough to exercise the record handling
+        eos_token_id, chat_template = 0, None
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [len(w) for w in text.split()]}
+
+    with pytest.raises(ValueError, match="no example with a supervised token"):
+        TokenizedDataset([{"prompt": "a b c d", "response": "x"}], Tok(), seq_len=3)
+    with pytest.raises(ValueError, match="record 0: expected a 'text'"):
+        TokenizedDataset([{"content": "?"}], Tok(), seq_len=8)
+    data = TokenizedDataset([{"prompt": "a bb", "response": "ccc"}, {"text": "a b c d e"}], Tok(), seq_len=4)
+    labels = [e["labels"].tolist() for e in data.examples]
+    assert [-100, -100, 3, 0] in labels  # instruction: loss on the answer (+ eos) only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        ("deepspeed", "--num_gpus", "1", "--master_port", "29541"),
+        ("accelerate", "launch", "--config_file", "launch/accelerate_ds.yaml", "--main_process_port", "29542"),
+    ],
+)
+def test_launchers_run_the_default(tmp_path, launcher):
+    proc = _cli(*SMALL, "--max-steps", "3", "--output-dir", str(tmp_path), launcher=launcher)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert any("eval_sequence_accuracy" in r for r in records)
