@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import socket
 import sys
 import time
 
@@ -143,7 +144,10 @@ def build_engine(cfg: dict):
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
             os.environ.setdefault(key, value)  # plain `python launch/train.py`: one process
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:  # a free one, so two runs on one machine do not collide
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
         return ds_chunk.initialize(model=model, config=cfg)[0]
     return build_engine_accelerate(model, cfg)
 
