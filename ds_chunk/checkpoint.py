@@ -1,6 +1,6 @@
 """Atomic checkpoints: a LoRA adapter in peft format plus a DeepSpeed checkpoint for resume.
 
-Layout: ``<dir>/step_<N>/{adapter/ (or model/ without LoRA), ds/, state.json}`` and ``<dir>/latest`` (the name of
+Layout: ``<dir>/step_<N>/{adapter/ (or model/), ds/, rng_rank<r>.pt, state.json}`` and ``<dir>/latest`` (the name of
 the newest complete step). Each step is written under a temporary name and renamed
 into place only when complete, and ``latest`` is replaced atomically after that, so a
 crash at any moment leaves the previous checkpoint usable.
@@ -42,6 +42,9 @@ def save(engine, root: str, step: int, state: dict) -> str:
         os.makedirs(tmp)
     _barrier()
     engine.save_checkpoint(tmp, tag="ds", client_state={"ds_chunk": state}, save_latest=False)
+    # DeepSpeed keeps no RNG state; dropout after a resume must draw what it would have
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
+    _barrier()
     if _rank() == 0:
         model = engine.hf_model  # peft saves just the adapter; a plain model saves itself
         model.save_pretrained(os.path.join(tmp, "adapter" if hasattr(model, "peft_config") else "model"))
@@ -68,4 +71,14 @@ def load(engine, step_dir: str) -> dict:
     _, client = engine.load_checkpoint(step_dir, tag="ds")
     if client is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint in {step_dir}/ds")
+    rng = os.path.join(step_dir, f"rng_rank{_rank()}.pt")
+    if os.path.isfile(rng):  # absent when resuming on more ranks than saved
+        state = torch.load(rng, weights_only=False)
+        torch.set_rng_state(state["cpu"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
     return client["ds_chunk"]
+
+
+def _rng_state() -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -118,8 +118,8 @@ def _instruction(prompt, answer: str, tokenizer, seq_len: int) -> Example:
     """Prompt via the chat template where the tokenizer has one; labels on the answer only."""
     if isinstance(prompt, list) or getattr(tokenizer, "chat_template", None):
         msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        p_ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        p_ids = p_ids["input_ids"] if isinstance(p_ids, dict) else list(p_ids)
+        p_ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+        p_ids = list(p_ids["input_ids"] if isinstance(p_ids, Mapping) else p_ids)
     else:
         p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id or 0]
@@ -185,6 +185,6 @@ def batches(dataset, batch_size: int, seed: int, start: int = 0) -> Iterator[dic
     step = start
     while True:
         epoch, i = divmod(step, per_epoch)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         yield collate([dataset[int(j)] for j in order[i * batch_size : (i + 1) * batch_size]])
         step += 1

@@ -40,7 +40,9 @@ class ChunkedLM(nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, *args, chunk_inputs: dict | None = None, **kwargs):
+    def forward(self, *args, chunk_inputs: dict | None = None, sync_zero: bool = False, **kwargs):
+        if sync_zero:  # 0 * (one element of each trainable parameter): see ChunkwiseEngine._sync_backward
+            return 0.0 * sum(p.reshape(-1)[0] for p in self.parameters() if p.requires_grad)
         if chunk_inputs is None:
             return self.module(*args, **kwargs)
         hidden = self.module.get_decoder()(**chunk_inputs)[0]
@@ -57,6 +59,25 @@ class ChunkwiseEngine:
                 "zero_optimization.stage = 3 is not supported by ds_chunk: ranks that run different numbers of "
                 "chunk forwards would deadlock in ZeRO-3's parameter all-gather. Use stage 2 with "
                 '"offload_optimizer": {"device": "cpu"} instead.'
+            )
+        refuse_fp16(engine.fp16_enabled())
+        if type(engine.optimizer).__name__ == "BF16_Optimizer":
+            # it clears low-precision grads in a prologue that runs after our LM head's
+            # gradient has been written, losing it
+            raise ValueError(
+                "DeepSpeed's BF16_Optimizer (bf16 with ZeRO stage 0, or data_types.grad_accum_dtype) is not "
+                "supported by ds_chunk: use bf16 with zero_optimization.stage 1 or 2"
+            )
+        if engine.dp_world_size > 1 and (
+            engine.zero_optimization_stage() == 2
+            or engine.zero_optimization_stage() == 1
+            and engine.zero_overlap_comm()
+        ):
+            # these reduce gradients inside every backward, so ranks would have to run the
+            # same chunk backwards in the same order; ours differ (own labels, own draws)
+            raise ValueError(
+                "zero_optimization.stage = 2 (or stage 1 with overlap_comm) on several ranks is not supported by "
+                "ds_chunk: use stage 1 (LoRA gradients are small, so stage 2 saves little), with offload_optimizer"
             )
         if not isinstance(engine.module, ChunkedLM):
             raise TypeError("wrap the model with ds_chunk.ChunkedLM before deepspeed.initialize / accelerator.prepare")
@@ -79,8 +100,23 @@ class ChunkwiseEngine:
         return self.engine.module.module
 
     def _backward(self, scalar: torch.Tensor, is_last: bool) -> None:
-        self.engine.set_gradient_accumulation_boundary(is_last)  # read during backward: set before each
+        # Never the boundary: that is the step's final sync backward (see _sync_backward).
+        self.engine.set_gradient_accumulation_boundary(False)  # read during backward: set before each
         self.engine.backward(scalar, scale_wrt_gas=False)  # we normalise by the step's token count
+
+    def _sync_backward(self) -> None:
+        """The step's boundary backward: an exact zero through every trainable parameter.
+
+        Chunk backwards differ in which parameters they reach (a chunk without loss skips
+        the LM head, or the last layer's adapters) and in number across ranks (their own
+        labels and SpaCO draws). DeepSpeed reduces gradients, and with offload moves them
+        to the optimizer, for the parameters whose hooks fire in the boundary backward:
+        ending every step with the same backward on every rank, through every parameter,
+        makes that complete and identical. It goes through engine(...) so DeepSpeed's
+        backward prologue runs.
+        """
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.backward(self.engine(sync_zero=True), scale_wrt_gas=False)
 
     def _forward(self, kwargs: dict) -> torch.Tensor:
         return self.engine(chunk_inputs=kwargs)[0]
@@ -116,8 +152,15 @@ class ChunkwiseEngine:
         total = float(self._all_reduce(local.clone()))
         if total == 0:
             raise ValueError("no supervised token in the step: every label is -100 (ignored)")
-        micro, loss = ids.shape[0] // gas, torch.zeros((), dtype=torch.float64)
         self.last_results = []
+        self._micro_batches(ids, labels, mask, total / world, rank)
+        self._sync_backward()
+        self.engine.step()
+        return self._all_reduce(loss_sum(self.last_results).to(self.engine.device)).cpu() / world
+
+    def _micro_batches(self, ids, labels, mask, normalizer: float, rank: int) -> None:
+        gas = self.engine.gradient_accumulation_steps()
+        micro = ids.shape[0] // gas
         for j in range(gas):
             rows = slice(j * micro, (j + 1) * micro)
             result = self.scheduler.backward(
@@ -125,16 +168,24 @@ class ChunkwiseEngine:
                 ids[rows],
                 None if labels is None else labels[rows],
                 None if mask is None else mask[rows],
-                num_tokens=total / world,
-                boundary=j == gas - 1,
+                num_tokens=normalizer,
+                boundary=False,  # the boundary is _sync_backward
                 step=self.engine.global_steps * gas + j,
                 rank=rank,
                 forward_fn=self._forward,
             )
-            loss += result.loss
             self.last_results.append(result)
-        self.engine.step()
-        return self._all_reduce(loss) / world
+
+
+def loss_sum(results: list) -> torch.Tensor:
+    return sum((r.loss for r in results), torch.zeros((), dtype=torch.float64))
+
+
+def refuse_fp16(enabled: bool) -> None:
+    # engine.backward scales each chunk's scalar by the loss scale, and the KV gradient
+    # carried into the next chunk's scalar would be scaled again
+    if enabled:
+        raise ValueError('fp16.enabled = true is not supported by ds_chunk: use "bf16": {"enabled": true}')
 
 
 def load_ds_config(config: str | os.PathLike | dict) -> dict:
@@ -181,6 +232,7 @@ def initialize(
         raise ValueError("ds_chunk.initialize needs config= (a DeepSpeed config path or dict)")
     ds_config = load_ds_config(config)
     chunkwise = ChunkwiseConfig.from_ds_config(ds_config)
+    refuse_fp16(ds_config.get("fp16", {}).get("enabled", False) is True)
     if model is None:
         from ds_chunk.model import ModelConfig, build_model
 

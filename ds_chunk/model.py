@@ -12,6 +12,7 @@ config dict with ``model_type``) builds a randomly initialised model instead, of
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass, fields
 from typing import Any
@@ -161,6 +162,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
                 )
     else:
         quant = {} if cfg.quantization is None else {"quantization_config": cfg.quantization.to_hf()}
+        if quant and torch.cuda.is_available():  # bitsandbytes would put every rank's weights on GPU 0
+            quant["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs, **quant)
     ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks ZeRO-2 and our replay
     if cfg.quantization is not None:

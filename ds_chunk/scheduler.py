@@ -224,9 +224,10 @@ class _ChunkRun:
                 h, cache = self.hidden(c, record=False)
                 chunk = self.loss(c, h)
                 inject = sum(
-                    (fk * g[0]).sum() + (fv * g[1]).sum()
+                    (fk * g[0].to(fk.device, non_blocking=True)).sum()
+                    + (fv * g[1].to(fv.device, non_blocking=True)).sum()
                     for (fk, fv), g in ((cache.fresh[i], g) for i, g in enumerate(carried) if g is not None)
-                )
+                )  # with kv_offload the collected gradient is in host memory
                 backward_fn(weights[c] * (chunk + inject), boundary and c == order[-1])
                 loss += chunk.detach().double().cpu()
         if not order and boundary:

@@ -2,7 +2,7 @@
 
     python launch/train.py                      # offline default: tiny Llama, recall task
     python launch/train.py --truncate           # same, gradient cut at chunk boundaries
-    deepspeed --num_gpus 1 launch/train.py --deepspeed_config ds_configs/qlora_zero2_offload_24gb.json \
+    deepspeed --num_gpus 1 launch/train.py --deepspeed_config ds_configs/qlora_zero1_offload_24gb.json \
         --data train.jsonl --seq-len 16384
     accelerate launch --config_file launch/accelerate_ds.yaml launch/train.py
 
@@ -72,6 +72,8 @@ def load_config(args: argparse.Namespace, micro_batch: int | None = None) -> dic
         raise FileNotFoundError(f"DeepSpeed config not found: {args.deepspeed_config}")
     with open(args.deepspeed_config) as f:
         cfg = json.load(f)
+    if "chunkwise" not in cfg and args.chunk_size is None and args.sparse_rate is None and not args.truncate:
+        cfg["chunkwise"] = {"enabled": False}  # a plain DeepSpeed config trains unchunked, as the library does
     chunkwise = dict(cfg.get("chunkwise", {}))
     if args.chunk_size is not None:
         chunkwise["chunk_size"] = args.chunk_size

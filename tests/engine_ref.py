@@ -34,15 +34,25 @@ def ds_config(stage: int, offload: bool, micro: int = 2, gas: int = 1, bf16: boo
     return cfg
 
 
-def reference_steps(model: torch.nn.Module, batches: list[torch.Tensor]) -> tuple[torch.nn.Module, list[float]]:
+def mixed_labels(ids: torch.Tensor) -> torch.Tensor:
+    """Row 1 supervised only after position 33: its early chunks carry no loss."""
+    labels = ids.clone()
+    labels[1:, :33] = -100
+    return labels
+
+
+def reference_steps(
+    model: torch.nn.Module, batches: list[torch.Tensor], labels: list[torch.Tensor] | None = None
+) -> tuple[torch.nn.Module, list[float]]:
     """Plain full-sequence backprop + torch AdamW on a copy, one step per batch: (trained copy, losses)."""
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=ADAMW["lr"], betas=tuple(ADAMW["betas"]), eps=ADAMW["eps"], weight_decay=0.05)
     losses = []
-    for ids in batches:
+    for i, ids in enumerate(batches):
+        target = ids if labels is None else labels[i]
         logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), target[:, 1:].flatten(), ignore_index=-100)
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from engine_ref import ds_config, lora_model, max_param_err, reference_steps
+from engine_ref import ds_config, lora_model, max_param_err, mixed_labels, reference_steps
 
 import ds_chunk
 
@@ -35,10 +35,12 @@ def _batches(n=3, rows=4, seq=40):
     [(0, False, 1), (1, False, 2), (1, True, 1), (2, False, 2), (2, True, 2)],
 )
 def test_train_batch_matches_torch_adamw(stage, offload, gas):
+    """Rows 1-3 have no loss in their first chunks, so chunk backwards reach different parameters."""
     model, batches = lora_model(), _batches()
-    ref, ref_losses = reference_steps(model, batches)
+    labels = [mixed_labels(ids) for ids in batches]
+    ref, ref_losses = reference_steps(model, batches, labels)
     engine, *_ = ds_chunk.initialize(model=copy.deepcopy(model), config=ds_config(stage, offload, 4 // gas, gas))
-    losses = [engine.train_batch({"input_ids": ids}).item() for ids in batches]
+    losses = [engine.train_batch({"input_ids": ids, "labels": y}).item() for ids, y in zip(batches, labels)]
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert max_param_err(engine.hf_model, ref) < 1e-5
     assert engine.global_steps == len(batches)
@@ -65,7 +67,7 @@ def test_boundary_only_on_last_backward_of_step():
     original = engine.engine.set_gradient_accumulation_boundary
     engine.engine.set_gradient_accumulation_boundary = lambda b: (flags.append(b), original(b))
     engine.train_batch({"input_ids": _batches(1)[0]})  # 2 micro-batches x 3 chunks of 16
-    assert flags == [False] * 5 + [True]
+    assert flags == [False] * 6 + [True]  # 2 micro-batches x 3 chunks, then the sync backward
 
 
 def test_padding_labels_and_chunking_disabled():
@@ -82,9 +84,13 @@ def test_padding_labels_and_chunking_disabled():
     assert engine.train_batch({"input_ids": ids, "attention_mask": mask}).item() == pytest.approx(plain, rel=1e-6)
 
 
-def test_zero3_and_auto_are_refused(tmp_path):
+def test_zero3_fp16_and_auto_are_refused(tmp_path):
     cfg = ds_config(3, False)
     with pytest.raises(ValueError, match="stage = 3"):
+        ds_chunk.initialize(model=lora_model(), config=cfg)
+    cfg = ds_config(2, False)
+    cfg["fp16"] = {"enabled": True}
+    with pytest.raises(ValueError, match="fp16.enabled"):
         ds_chunk.initialize(model=lora_model(), config=cfg)
     cfg = ds_config(2, False)
     cfg["train_micro_batch_size_per_gpu"] = "auto"
@@ -118,17 +124,30 @@ def test_qlora_from_recipe_learns(bits):
     assert losses[-1] < losses[0] - 0.05, losses
 
 
-@pytest.mark.slow
-def test_two_ranks_equal_one_rank_with_both_rows(tmp_path):
-    model, batches = lora_model(), _batches(2, rows=2)
-    ref, ref_losses = reference_steps(model, batches)
+def _two_ranks(tmp_path, *flags):
     script = os.path.join(os.path.dirname(__file__), "scripts", "two_rank.py")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", script, "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", script, "--out", str(tmp_path), *flags]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--stage", "0"], ["--stage", "1", "--offload"]])
+def test_two_ranks_equal_one_rank_with_both_rows(tmp_path, flags):
+    """Rank 1's early chunks have no loss: the ranks run different chunk backwards."""
+    model, batches = lora_model(), _batches(2, rows=2)
+    ref, ref_losses = reference_steps(model, batches, [mixed_labels(ids) for ids in batches])
+    proc = _two_ranks(tmp_path, *flags)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = torch.load(tmp_path / "rank0.pt")
     assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
     pb = dict(ref.named_parameters())
     err = max(float((result["params"][k] - pb[k]).abs().max() / pb[k].abs().max()) for k in result["params"])
     assert err < 1e-5
+
+
+@pytest.mark.slow
+def test_two_ranks_zero2_is_refused(tmp_path):
+    proc = _two_ranks(tmp_path, "--stage", "2")
+    assert proc.returncode != 0
+    assert "zero_optimization.stage = 2 (or stage 1 with overlap_comm) on several ranks" in proc.stdout + proc.stderr

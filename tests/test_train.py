@@ -33,6 +33,22 @@ def test_resume_continues_exactly(tmp_path):
     assert os.path.isfile(tmp_path / "b" / "checkpoints" / "step_3" / "model" / "config.json")
 
 
+def test_resume_with_lora_dropout_is_exact_and_adapter_loads(tmp_path):
+    from peft import PeftModel
+
+    args = [*SMALL, "--lora-r", "4", "--lora-dropout", "0.2"]
+    full = _losses(train.main([*args, "--max-steps", "4", "--output-dir", str(tmp_path / "a")]))
+    train.main([*args, "--max-steps", "2", "--save-every", "2", "--output-dir", str(tmp_path / "b")])
+    rest = train.main([*args, "--max-steps", "4", "--resume", "--output-dir", str(tmp_path / "b")])
+    assert _losses(rest) == full[2:]  # the dropout masks continue too (RNG state is saved)
+    from ds_chunk.model import ModelConfig, build_model
+
+    with open(train.DEFAULT_CONFIG) as f:
+        base = build_model(ModelConfig.from_dict(json.load(f)["model"]))
+    adapter = PeftModel.from_pretrained(base, str(tmp_path / "b" / "checkpoints" / "step_2" / "adapter"))
+    assert any("lora_A" in n for n, _ in adapter.named_parameters())
+
+
 def test_spaco_resume_replays_the_same_draws(tmp_path):
     args = [*SMALL, "--sparse-rate", "0.5"]
     full = train.main([*args, "--max-steps", "4", "--output-dir", str(tmp_path / "a")])
@@ -104,6 +120,24 @@ def test_dataset_errors(tmp_path):
     data = TokenizedDataset([{"prompt": "a bb", "response": "ccc"}, {"text": "a b c d e"}], Tok(), seq_len=4)
     labels = [e["labels"].tolist() for e in data.examples]
     assert [-100, -100, 3, 0] in labels  # instruction: loss on the answer (+ eos) only
+
+
+def test_chat_template_records():
+    """A real fast tokenizer with a chat template (built offline): loss on the answer only."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<eos>", "<unk>", "user:", "assistant:", "hi", "there", "ok"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+    fast.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}assistant: "
+    from ds_chunk.data import TokenizedDataset
+
+    rec = {"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "ok"}]}
+    (example,) = TokenizedDataset([rec], fast, seq_len=16).examples
+    assert example["input_ids"].tolist() == [2, 4, 5, 3, 6, 0]
+    assert example["labels"].tolist() == [-100, -100, -100, -100, 6, 0]
 
 
 @pytest.mark.slow
