@@ -1,0 +1,222 @@
+"""Memory planner: components against hand-computed values, the recommendation logic, and
+the prediction against a peak measured by ds_chunk.bench in a subprocess."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+from ds_chunk.bench import Point, run_point
+from ds_chunk.plan import GIB, MIB, ModelShape, Setup, estimate, layer_activation_bytes, recommend
+
+# The CPU benchmark model: Llama, 4 layers, hidden 256, 4 heads = 4 KV heads (d = 64),
+# intermediate 688, vocab 32000, untied.
+BENCH = dict(
+    vocab_size=32000,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    tie_word_embeddings=False,
+)
+# Hand count: embed 32000*256 = 8,192,000, LM head the same; per layer q,k,v,o 4*256*256 =
+# 262,144, MLP 3*256*688 = 528,384, 2 norms 512 -> 791,040; x4 layers; final norm 256.
+BENCH_PARAMS = 2 * 8_192_000 + 4 * 791_040 + 256
+assert BENCH_PARAMS == 19_548_416
+# Saved for backward per token per layer (float32): norms 2 x 2 x 256, attention q,k,v,out,
+# out-copy 5 x 256 + residual 256, MLP 4 x 688 + residual 256 (all x 4 bytes), logsumexp
+# 4 heads x 4 bytes; per token overall: 4 layers + embedding output + final norm (2 x 256).
+LAYER_BYTES = 4 * (2 * 2 * 256 + 5 * 256 + 256 + 4 * 688 + 256) + 4 * 4
+TOKEN_BYTES = 4 * LAYER_BYTES + 4 * 256 + 2 * 4 * 256
+assert (LAYER_BYTES, TOKEN_BYTES) == (22_288, 92_224)
+# Llama-3-8B's shape (GQA 32/8, vocab 128256).
+LLAMA3_8B = dict(
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LlamaConfig(**BENCH),
+        LlamaConfig(**{**BENCH, "num_key_value_heads": 2, "head_dim": 32, "tie_word_embeddings": True}),
+        Qwen2Config(**{**BENCH, "num_key_value_heads": 2}),  # q/k/v biases
+        Qwen3Config(**{**BENCH, "num_key_value_heads": 2, "head_dim": 48}),  # q/k norms
+    ],
+    ids=["llama", "llama-gqa-tied", "qwen2", "qwen3"],
+)
+def test_param_count_matches_transformers(config):
+    with torch.device("meta"):  # no memory: only the shapes are needed
+        model = AutoModelForCausalLM.from_config(config)
+    assert ModelShape.from_config(config).params() == sum(p.numel() for p in model.parameters())
+
+
+def test_shape_from_config_file_offline(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **BENCH}))
+    shape = ModelShape.from_config(tmp_path)  # a folder holding config.json, no network
+    assert (shape.heads, shape.kv_heads, shape.head_dim, shape.params()) == (4, 4, 64, BENCH_PARAMS)
+
+
+def test_seco_step_components_by_hand():
+    """T=2048, chunk 512, float32: peak at the replay of chunk 2 (prefix 1024 tokens)."""
+    est = estimate(ModelShape.from_config(BENCH), Setup(seq_len=2048, chunk_size=512, dtype="float32"))
+    kv_token = 4 * 2 * 4 * 64 * 4  # layers x (K, V) x kv heads x d x 4 bytes = 8192
+    expected = {
+        "gradients": BENCH_PARAMS * 4,
+        "kv_leaves": 1024 * kv_token,
+        "kv_grads": (1024 + 512) * kv_token,  # prefix leaves' grads + chunk 2's carried grad
+        # cat(prefix, chunk) per layer + bool mask and one float32 copy of it per layer
+        "attention_kv": 4 * 1536 * 2 * 4 * 64 * 4 + (4 * 4 + 1) * 512 * 1536,
+        "activations": 512 * TOKEN_BYTES,
+        "logits": 3 * 512 * 32000 * 4,  # log-softmax, its grad, logits' grad (float32)
+    }
+    assert est.step == pytest.approx(expected, rel=1e-12)
+
+
+def test_plain_and_ckpt_by_hand():
+    shape = ModelShape.from_config(BENCH)
+    plain = estimate(shape, Setup(seq_len=2048, method="plain", dtype="float32")).step
+    logits = 3 * 2048 * 32000 * 4
+    assert plain == pytest.approx({"activations": 2048 * TOKEN_BYTES, "logits": logits})
+    ckpt = estimate(shape, Setup(seq_len=2048, method="ckpt", dtype="float32")).step
+    # layer inputs 4 x [2048, 256] + the final norm's two [2048, 256], float32
+    assert ckpt == pytest.approx({"activations": 4 * 2048 * 256 * 4 + 2048 * 2 * 256 * 4, "logits": logits})
+
+
+def test_persistent_qlora_and_full_by_hand():
+    shape = ModelShape.from_config(BENCH)
+    qlora = estimate(shape, Setup(seq_len=1024, quant="4bit", lora_rank=8, zero_stage=1, world_size=2))
+    linear = 4 * (4 * 256 * 256 + 3 * 256 * 688)  # quantized: 0.5 B + float32 absmax per 64
+    lora = 4 * 2 * 8 * (256 + 256)  # layers x (q, v) x r x (in + out)
+    assert qlora.persistent == pytest.approx(
+        {
+            "weights": linear * (0.5 + 4 / 64) + (BENCH_PARAMS - linear) * 2,  # rest in bf16
+            "lora": lora * 4,  # peft keeps adapters in float32
+            "optimizer": lora * 8 / 2,  # Adam moments, ZeRO-1 over 2 ranks, no master copy
+        }
+    )
+    full = estimate(shape, Setup(seq_len=1024, offload_optimizer=True))
+    assert full.persistent == {"weights": BENCH_PARAMS * 2, "lora": 0.0, "optimizer": 0.0}
+    assert full.host == {"optimizer": BENCH_PARAMS * (8 + 4)}  # moments + float32 master weights
+
+
+def test_lora_keeps_fewer_activations_by_hand():
+    """Frozen base linears keep no input; LoRA targets (q, v) do; frozen norm weights keep no x."""
+    shape = ModelShape.from_config(BENCH)
+    fp32 = layer_activation_bytes(shape, Setup(seq_len=1, dtype="float32", quant="4bit", lora_rank=8))
+    # ln1 output once (shared by q and v's lora_A), SDPA q, k, v, output, logsumexp, residual,
+    # gate, SiLU(gate), up, residual, two lora_A outputs [8] (float32)
+    assert fp32 == 4 * 256 + 4 * 4 * 256 + 4 * 4 + 4 * 256 + 3 * 4 * 688 + 4 * 256 + 2 * 8 * 4
+    bf16 = layer_activation_bytes(shape, Setup(seq_len=1, dtype="bfloat16", quant="4bit", lora_rank=8))
+    upcasts = 2 * 4 * 256  # each norm's float32 copy of its input
+    lora_inputs = 2 * 4 * 256  # ln1's output, one float32 copy per LoRA target (peft casts to float32)
+    sdpa = 2 * 4 * 256 + 4 * 4  # q, k, v, output in bf16, logsumexp in float32
+    mlp = 3 * 2 * 688  # gate, SiLU(gate), up
+    assert bf16 == upcasts + lora_inputs + sdpa + 2 * 2 * 256 + mlp + 2 * 8 * 4  # + 2 residual sums, lora_A outs
+
+
+def test_gqa_repeat_and_kv_offload():
+    """Llama-3-8B, bf16, T=16384, chunk 512: HF repeats K/V 4x for SDPA with a mask."""
+    shape = ModelShape.from_config(LLAMA3_8B)
+    on = estimate(shape, Setup(seq_len=16384, chunk_size=512, quant="4bit", lora_rank=8)).step
+    prefix, chunk = 16384 - 1024, 512  # the replay of the second-to-last chunk
+    copies = 32 * (prefix + chunk) * 2 * 32 * 128 * 2  # layers x tokens x (K, V) x 32 heads x d x 2 B
+    assert on["attention_kv"] == copies + (32 * 2 + 1) * chunk * (prefix + chunk)
+    assert on["kv_leaves"] == prefix * 32 * 2 * 8 * 128 * 2
+    off = estimate(shape, Setup(seq_len=16384, chunk_size=512, quant="4bit", lora_rank=8, kv_offload=True)).step
+    assert off["kv_leaves"] == off["kv_grads"] == 0
+    # Now the last chunk's replay peaks (512 more prefix tokens; LoRA's grads are tiny), and one
+    # layer's prefix is copied to the device at a time.
+    last = 16384 - 512
+    assert off["attention_kv"] == 32 * 16384 * 2 * 32 * 128 * 2 + 65 * 512 * 16384 + last * 2 * 8 * 128 * 2
+
+
+def test_recommend_picks_largest_fitting_chunk():
+    shape = ModelShape.from_config(BENCH)
+    base = Setup(seq_len=8192, dtype="float32", reserve_gb=0.0)
+    peak = {c: estimate(shape, Setup(**{**base.__dict__, "chunk_size": c})).total_bytes for c in (512, 1024)}
+    assert peak[512] < peak[1024]
+    rec = recommend(shape, Setup(**{**base.__dict__, "gpu_mem_gb": (peak[512] + peak[1024]) / 2 / GIB}))
+    assert rec.chunk_size == 512 and rec.advice == []
+    assert list(rec.tried) == [64, 128, 256, 512, 1024, 2048, 4096, 8192]
+    assert recommend(shape, Setup(**{**base.__dict__, "gpu_mem_gb": 100.0})).chunk_size == 8192
+
+
+def test_recommend_says_what_helps_when_nothing_fits():
+    """Full fine-tuning of an 8B model on 80 GiB: AdamW alone is 8.03e9 x 12 B = 90 GiB."""
+    shape = ModelShape.from_config(LLAMA3_8B)
+    rec = recommend(shape, Setup(seq_len=16384, gpu_mem_gb=80))
+    assert rec.chunk_size is None
+    assert rec.estimate.setup.chunk_size == 64  # the breakdown shown is the smallest chunk's
+    advice = {line.split(":")[0]: line for line in rec.advice}
+    assert "fits with chunk_size" in advice["offload the optimizer (zero_optimization.offload_optimizer)"]
+    assert "still needs" in advice["chunkwise.kv_offload"]
+    assert "fits" in advice["4-bit base weights + LoRA r=8 (QLoRA)"]
+    hopeless = recommend(shape, Setup(seq_len=16384, gpu_mem_gb=4))
+    assert hopeless.chunk_size is None and all("still needs" in line for line in hopeless.advice)
+
+
+def test_plain_that_does_not_fit_suggests_seco():
+    shape = ModelShape.from_config(BENCH)
+    setup = Setup(seq_len=8192, method="plain", dtype="float32", reserve_gb=0.0, gpu_mem_gb=1.0)
+    rec = recommend(shape, setup)  # plain: ~3.6 GiB of logits alone at T=8192
+    assert rec.chunk_size is None
+    assert rec.advice[0].startswith("chunk-wise training (SeCO): fits with chunk_size")
+
+
+# A small GQA model (4 heads over 2 KV heads, so HF repeats K/V in the replays).
+TINY = dict(
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    vocab_size=2048,
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    tie_word_embeddings=False,
+    max_position_embeddings=4096,
+)
+
+
+def _measured_vs_planned(tmp_path, method: str, rate: float | None = None) -> tuple[float, float]:
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    label = method if rate is None else f"spaco@{rate}"
+    point = Point(method=label, seq_len=1024, chunk_size=128, model=str(config), repeats=1)
+    result = run_point(point, cpus=None, timeout=300, what="memory")
+    assert result["status"] == "ok", result
+    setup = Setup(seq_len=1024, method=method, chunk_size=128, sparse_rate=rate, dtype="float32")
+    return result["peak_mib"], estimate(ModelShape.from_config(config), setup).step_bytes / MIB
+
+
+def test_planner_within_15_percent_of_measured_seco(tmp_path):
+    measured, predicted = _measured_vs_planned(tmp_path, "seco")
+    assert abs(predicted / measured - 1) < 0.15, (measured, predicted)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,rate", [("plain", None), ("spaco", 0.5)])
+def test_planner_within_15_percent_of_measured(tmp_path, method, rate):
+    measured, predicted = _measured_vs_planned(tmp_path, method, rate)
+    assert abs(predicted / measured - 1) < 0.15, (measured, predicted)
+
+
+@pytest.mark.slow
+def test_bench_records_oom_and_goes_on(tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    point = Point(method="plain", seq_len=1024, model=str(config), repeats=1, mem_limit_gb=0.05)
+    result = run_point(point, cpus=None, timeout=300)
+    assert result["status"] == "OOM"
