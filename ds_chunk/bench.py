@@ -256,15 +256,20 @@ def _clear(model) -> None:
     gc.collect()
 
 
-def _timed(step, device: str) -> tuple[float, object]:
+def _timed(step, device: str) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process, what ``step`` returned).
+
+    The CPU time is what the step cost this process: unlike the wall time it does not grow
+    when another process shares the core (caches and memory bandwidth still are shared).
+    """
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = step()
     sync()
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 def _limit_cuda(point: Point) -> None:
@@ -298,19 +303,21 @@ def _memory_steps(point: Point, model, step, meter) -> tuple[list[int], list[int
 
 
 def _timed_steps(point: Point, model, step) -> dict:
-    times, replayed = [], []
+    """Wall and CPU seconds of ``repeats`` steps: median, mean and all of them."""
+    walls, cpus, replayed = [], [], []
     for _ in range(point.repeats):
         _clear(model)
-        seconds, out = _timed(step, point.device)
-        times.append(seconds)
+        wall, cpu, out = _timed(step, point.device)
+        walls.append(wall)
+        cpus.append(cpu)
         if out is not None:
             replayed.append(out)
-    return {
-        "s_per_step": statistics.median(times),
-        "s_mean": statistics.mean(times),
-        "s_all": [round(t, 3) for t in times],
-        "replayed_mean": statistics.mean(replayed) if replayed else None,
-    }
+    result = {"replayed_mean": statistics.mean(replayed) if replayed else None}
+    for prefix, times in (("s", walls), ("cpu_s", cpus)):
+        result[f"{prefix}_per_step"] = statistics.median(times)
+        result[f"{prefix}_mean"] = statistics.mean(times)
+        result[f"{prefix}_all"] = [round(t, 3) for t in times]
+    return result
 
 
 def measure(point: Point, mode: str = "both") -> dict:
@@ -325,7 +332,7 @@ def measure(point: Point, mode: str = "both") -> dict:
     step = make_step(point, model)
     _clear(model)
     result = {"status": "ok", "loaded_mib": meter.rss() / MIB}
-    result["warmup_s"] = round(_timed(step, point.device)[0], 3)
+    result["warmup_s"] = round(_timed(step, point.device)[0], 3)  # wall
     if mode in ("time", "both"):
         result.update(_timed_steps(point, model, step))
     if mode in ("memory", "both"):
@@ -504,7 +511,9 @@ def _progress(row: dict) -> str:
     head = f"{row['label']:>28} T={row['seq_len']:>6}:"
     if row["status"] != "ok":
         return f"{head} {row['status']} ({row.get('error', '')})"
-    seconds = f"{row['s_per_step']:8.2f} s/step" if row.get("s_per_step") else "time not measured"
+    seconds = "time not measured"
+    if row.get("s_per_step"):
+        seconds = f"{row['s_per_step']:8.2f} s/step wall, {row.get('cpu_s_per_step') or 0:8.2f} CPU"
     memory = f"{row['peak_mib']:9.1f} MiB peak increase" if row.get("peak_mib") else "memory not measured"
     return f"{head} {seconds}  {memory}  (wall {row.get('wall_s', 0)} s)"
 
@@ -513,8 +522,9 @@ def _progress(row: dict) -> str:
 
 CSV_FIELDS = [
     "label", "method", "seq_len", "chunk_size", "loss_chunk_size", "report_loss", "weights", "model", "device",
-    "dtype", "batch", "lora_rank", "threads", "repeats", "status", "s_per_step", "s_mean", "s_all", "warmup_s",
-    "peak_mib", "peak_abs_mib", "loaded_mib", "replayed_mean", "wall_s", "error",
+    "dtype", "batch", "lora_rank", "threads", "repeats", "status", "s_per_step", "s_mean", "s_all",
+    "cpu_s_per_step", "cpu_s_mean", "cpu_s_all", "warmup_s", "peak_mib", "peak_abs_mib", "loaded_mib",
+    "replayed_mean", "wall_s", "error",
 ]  # fmt: skip
 
 
@@ -536,27 +546,39 @@ def _reference(row: dict, rows: list[dict], ref: str | None) -> dict | None:
     return None
 
 
+def time_keys(row: dict) -> tuple[str, str]:
+    """The (median, mean) step-time fields the ratios and the plot use: CPU seconds where
+    measured (CPU runs: robust to a shared core), else wall seconds (CUDA)."""
+    if row["device"] == "cpu" and row.get("cpu_s_per_step"):
+        return "cpu_s_per_step", "cpu_s_mean"
+    return "s_per_step", "s_mean"
+
+
 def markdown_table(rows: list[dict], ref: str | None) -> str:
     """One line per point; ``x <ref>`` columns are ratios to method ``ref`` at the same T.
 
-    Time ratios use the median and the mean step time: SpaCO's step time depends on its
-    random draw, and the mean is what sets its throughput.
+    Time ratios use CPU seconds on CPU (wall on CUDA), median and mean: SpaCO's step time
+    depends on its random draw, and the mean is what sets its throughput.
     """
-    head = ["method", "T", "s/step median", "s/step mean", "peak MiB", f"time x {ref}", f"time x {ref} (mean)"]
-    head += [f"mem x {ref}", "replayed"]
+    head = ["method", "T", "wall s/step", "CPU s/step", "CPU s/step mean", "peak MiB", f"time x {ref}"]
+    head += [f"time x {ref} (mean)", f"mem x {ref}", "replayed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["label"], str(row["seq_len"])]
         if row["status"] != "ok":
-            cells += [row["status"]] * 3 + [""] * 4
+            cells += [row["status"]] * 4 + [""] * 4
         else:
             base = _reference(row, rows, ref)
-            replayed = "" if row.get("replayed_mean") is None else f"{row['replayed_mean']:.1f}/{_chunks(row)}"
-            cells += [_fmt(row.get("s_per_step"), 2), _fmt(row.get("s_mean"), 2), _fmt(row.get("peak_mib"), 0)]
-            cells += [_ratio(row, base, "s_per_step"), _ratio(row, base, "s_mean"), _ratio(row, base, "peak_mib", 3)]
-            cells.append(replayed)
+            median, mean = time_keys(row)
+            cells += [_fmt(row.get(k), 2) for k in ("s_per_step", "cpu_s_per_step", "cpu_s_mean")]
+            cells += [_fmt(row.get("peak_mib"), 0), _ratio(row, base, median), _ratio(row, base, mean)]
+            cells += [_ratio(row, base, "peak_mib", 3), _replayed(row)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _replayed(row: dict) -> str:
+    return "" if row.get("replayed_mean") is None else f"{row['replayed_mean']:.1f}/{_chunks(row)}"
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -584,13 +606,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     last = {(r["label"], r["seq_len"]): r for r in rows if r["status"] == "ok"}  # a re-measured point: the last
     for label in dict.fromkeys(r["label"] for r in rows):
         ok = sorted((r for (name, _), r in last.items() if name == label), key=lambda r: r["seq_len"])
-        for ax, key in ((ax_mem, "peak_mib"), (ax_time, "s_per_step")):
-            measured = [r for r in ok if r.get(key)]
+        for ax, key in ((ax_mem, lambda r: r.get("peak_mib")), (ax_time, lambda r: r.get(time_keys(r)[0]))):
+            measured = [r for r in ok if key(r)]
             if measured:
-                ax.plot([r["seq_len"] for r in measured], [r[key] for r in measured], marker="o", label=label)
+                ax.plot([r["seq_len"] for r in measured], [key(r) for r in measured], marker="o", label=label)
     lengths = sorted({r["seq_len"] for r in rows})
     _style(ax_mem, lengths, "peak memory increase per step (MiB)")
-    _style(ax_time, lengths, "seconds / step")
+    _style(ax_time, lengths, "seconds / step (CPU time on CPU)")
     (ax_time if ax_time.lines else ax_mem).legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -632,7 +654,8 @@ def describe(args: argparse.Namespace, cpus: str | None) -> str:
     return (
         f"model: {model}; device {args.device}, {args.threads} thread(s), pinned to CPUs {cpus or 'none'}; "
         f"torch {version('torch')}; batch {args.batch}; s/step: median (and mean) of {args.repeats} steps after "
-        f"1 warm-up (step = forward + backward); peak MiB: {mem}; fresh processes per point."
+        f"1 warm-up (step = forward + backward), wall and CPU time of the process (ratios: CPU time on CPU, "
+        f"wall on CUDA); peak MiB: {mem}; fresh processes per point."
     )
 
 
@@ -680,9 +703,20 @@ def _log(line: str) -> None:
 
 
 def read_csv(path: Path) -> list[dict]:
-    """Rows written by ``write_csv``, with numbers and lists parsed back."""
+    """Rows written by ``write_csv``, with the numbers parsed back."""
     ints = ("seq_len", "chunk_size", "loss_chunk_size", "batch", "lora_rank", "threads", "repeats")
-    floats = ("s_per_step", "s_mean", "warmup_s", "peak_mib", "peak_abs_mib", "loaded_mib", "replayed_mean", "wall_s")
+    floats = (
+        "s_per_step",
+        "s_mean",
+        "cpu_s_per_step",
+        "cpu_s_mean",
+        "warmup_s",
+        "peak_mib",
+        "peak_abs_mib",
+        "loaded_mib",
+        "replayed_mean",
+        "wall_s",
+    )
     rows = []
     with open(path) as f:
         for row in csv.DictReader(f):

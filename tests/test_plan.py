@@ -1,13 +1,14 @@
 """Memory planner: components against hand-computed values, the recommendation logic, and
 the prediction against a peak measured by ds_chunk.bench in a subprocess."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
-from ds_chunk.bench import Point, run_point
+from ds_chunk.bench import Point, markdown_table, run_point, sweep
 from ds_chunk.plan import GIB, MIB, ModelShape, Setup, estimate, layer_activation_bytes, recommend
 
 # The CPU benchmark model: Llama, 4 layers, hidden 256, 4 heads = 4 KV heads (d = 64),
@@ -215,8 +216,14 @@ def test_planner_within_15_percent_of_measured(tmp_path, method, rate):
 
 @pytest.mark.slow
 def test_bench_records_oom_and_goes_on(tmp_path):
+    """A limit half-way into the step's peak: recorded as OOM, and longer sequences are skipped."""
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
-    point = Point(method="plain", seq_len=1024, model=str(config), repeats=1, mem_limit_gb=0.05)
-    result = run_point(point, cpus=None, timeout=300)
-    assert result["status"] == "OOM"
+    base = Point(method="plain", seq_len=1024, model=str(config), repeats=1)
+    free = run_point(base, cpus=None, timeout=300, what="memory")
+    limit_gb = (free["loaded_mib"] + free["peak_mib"] / 2) / 1024
+    points = [dataclasses.replace(base, mem_limit_gb=limit_gb), dataclasses.replace(base, seq_len=2048)]
+    rows = sweep(points, cpus=None, timeout=300, log=lambda line: None, what="memory")
+    assert [r["status"] for r in rows] == ["OOM", "OOM"]
+    assert "skipped" in rows[1]["error"]
+    assert "| plain | 1024 | OOM |" in markdown_table(rows, "plain")
