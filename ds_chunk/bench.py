@@ -28,6 +28,7 @@ import argparse
 import csv
 import dataclasses
 import gc
+import itertools
 import json
 import os
 import re
@@ -302,22 +303,74 @@ def _memory_steps(point: Point, model, step, meter) -> tuple[list[int], list[int
     return increases, peaks
 
 
-def _timed_steps(point: Point, model, step) -> dict:
-    """Wall and CPU seconds of ``repeats`` steps: median, mean and all of them."""
-    walls, cpus, replayed = [], [], []
-    for _ in range(point.repeats):
+class StepTimes:
+    """Wall and CPU seconds of the timed steps of one point, and the chunks each replayed."""
+
+    def __init__(self):
+        self.walls: list[float] = []
+        self.cpus: list[float] = []
+        self.replayed: list[int] = []
+
+    def run(self, model, step, device: str) -> None:
         _clear(model)
-        wall, cpu, out = _timed(step, point.device)
-        walls.append(wall)
-        cpus.append(cpu)
+        wall, cpu, out = _timed(step, device)
+        self.walls.append(wall)
+        self.cpus.append(cpu)
         if out is not None:
-            replayed.append(out)
-    result = {"replayed_mean": statistics.mean(replayed) if replayed else None}
-    for prefix, times in (("s", walls), ("cpu_s", cpus)):
-        result[f"{prefix}_per_step"] = statistics.median(times)
-        result[f"{prefix}_mean"] = statistics.mean(times)
-        result[f"{prefix}_all"] = [round(t, 3) for t in times]
-    return result
+            self.replayed.append(out)
+
+    def summary(self) -> dict:
+        """Median, mean and all step times (wall and CPU); mean chunks replayed."""
+        result = {"replayed_mean": statistics.mean(self.replayed) if self.replayed else None}
+        for prefix, times in (("s", self.walls), ("cpu_s", self.cpus)):
+            result[f"{prefix}_per_step"] = statistics.median(times)
+            result[f"{prefix}_mean"] = statistics.mean(times)
+            result[f"{prefix}_all"] = [round(t, 3) for t in times]
+        return result
+
+
+def _timed_steps(point: Point, model, step) -> dict:
+    times = StepTimes()
+    for _ in range(point.repeats):
+        times.run(model, step, point.device)
+    return times.summary()
+
+
+def _toggled_checkpointing(model, step):
+    """``step`` with HF gradient checkpointing switched on just for it (ckpt in a shared model)."""
+
+    def run():
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            return step()
+        finally:
+            model.gradient_checkpointing_disable()
+
+    return run
+
+
+def measure_interleaved(points: list[Point], draws: int = 1) -> list[dict]:
+    """Time several methods on one model, alternating: round after round, each method's step.
+
+    On a machine shared with other work, contention drifts over minutes; steps of all
+    methods taken side by side in every round see the same drift, so their ratios hold.
+    ``points[0].repeats`` rounds; SpaCO points take ``draws`` steps (draws) per round.
+    """
+    import torch
+
+    torch.set_num_threads(points[0].threads)
+    model = build_model(dataclasses.replace(points[0], method="plain"))
+    steps = [make_step(p, model) for p in points]
+    steps = [_toggled_checkpointing(model, s) if p.method == "ckpt" else s for p, s in zip(points, steps)]
+    for step in steps:  # one warm-up step each
+        _clear(model)
+        step()
+    times = [StepTimes() for _ in points]
+    for _ in range(points[0].repeats):
+        for point, step, record in zip(points, steps, times):
+            for _ in range(draws if parse_method(point.method) is not None else 1):
+                record.run(model, step, point.device)
+    return [{"status": "ok", **record.summary()} for record in times]
 
 
 def measure(point: Point, mode: str = "both") -> dict:
@@ -345,7 +398,11 @@ def worker(payload: str) -> None:
     """Subprocess entry: measure one point and print its result as one JSON line."""
     args = json.loads(payload)
     try:
-        result = measure(Point(**args["point"]), args["mode"])
+        if args["mode"] == "interleave":
+            points = [Point(**p) for p in args["points"]]
+            result = {"status": "ok", "results": measure_interleaved(points, args["draws"])}
+        else:
+            result = measure(Point(**args["point"]), args["mode"])
     except LimitExceeded as e:
         result = {"status": "OOM", "error": str(e)}
     except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
@@ -380,9 +437,8 @@ def default_cpus(threads: int) -> str | None:
 EXACT_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": str(PAGE), "MALLOC_TRIM_THRESHOLD_": str(PAGE), "MALLOC_TOP_PAD_": "0"}
 
 
-def _worker_command(point: Point, mode: str, cpus: str | None) -> list[str]:
-    payload = json.dumps({"point": dataclasses.asdict(point), "mode": mode})
-    cmd = [sys.executable, "-m", "ds_chunk.bench", "--worker", payload]
+def _worker_command(payload: dict, cpus: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "ds_chunk.bench", "--worker", json.dumps(payload)]
     return ["taskset", "-c", cpus, *cmd] if cpus else cmd
 
 
@@ -415,12 +471,13 @@ def _watch(proc: subprocess.Popen, limit_bytes: float | None, timeout: float) ->
     return None
 
 
-def _spawn(point: Point, mode: str, cpus: str | None, timeout: float) -> dict:
-    """Run one worker process; its result, or OOM / timeout / error without raising."""
+def _spawn(payload: dict, point: Point, cpus: str | None, timeout: float) -> dict:
+    """Run one worker process (threads and memory limit from ``point``); its result, or
+    OOM / timeout / error without raising."""
     limit = point.mem_limit_gb * 2**30 if point.mem_limit_gb is not None and point.device == "cpu" else None
-    env = _worker_env(point.threads, exact_rss=mode == "memory")
+    env = _worker_env(point.threads, exact_rss=payload["mode"] == "memory")
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(_worker_command(point, mode, cpus), stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(_worker_command(payload, cpus), stdout=out, stderr=subprocess.STDOUT, env=env)
         killed = _watch(proc, limit, timeout)
         out.seek(0)
         text = out.read()
@@ -440,71 +497,98 @@ def run_point(point: Point, cpus: str | None, timeout: float = 3600.0, what: str
 
     what: "both" (CPU: a memory process, then a timing process), "memory" or "time".
     """
+
+    def spawn(mode: str) -> dict:
+        return _spawn({"point": dataclasses.asdict(point), "mode": mode}, point, cpus, timeout)
+
     if point.device == "cuda":
-        return _spawn(point, "both", cpus, timeout)
-    memory = _spawn(point, "memory", cpus, timeout) if what in ("both", "memory") else {"status": "ok"}
+        return spawn("both")
+    memory = spawn("memory") if what in ("both", "memory") else {"status": "ok"}
     if memory["status"] != "ok" or what == "memory":
         return memory
-    timing = _spawn(point, "time", cpus, timeout)
+    timing = spawn("time")
     if timing["status"] != "ok" or what == "time":
         return timing
     return {**timing, **{k: memory[k] for k in ("peak_mib", "peak_abs_mib", "loaded_mib")}}
 
 
+def run_interleaved(points: list[Point], cpus: str | None, timeout: float, draws: int = 1) -> list[dict]:
+    """Time ``points`` (one model, one length) in one fresh process, alternating their steps."""
+    payload = {"points": [dataclasses.asdict(p) for p in points], "mode": "interleave", "draws": draws}
+    out = _spawn(payload, points[0], cpus, timeout)
+    return out["results"] if out["status"] == "ok" else [dict(out) for _ in points]
+
+
 def expand(args: argparse.Namespace) -> list[Point]:
     """All points of the sweep, by sequence length first (short ones first)."""
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    common = dict(model=args.model, device=args.device, dtype=dtype, batch=args.batch, repeats=args.repeats)
+    common.update(threads=args.threads, lora_rank=args.lora_rank, seed=args.seed, mem_limit_gb=args.mem_limit_gb)
     points = []
-    for seq_len in args.seq_lens:
-        for weights in args.weights:
-            for method in args.methods:
-                rate = parse_method(method)
-                chunked = method == "seco" or rate is not None
-                for chunk in args.chunk_sizes if chunked else [args.chunk_sizes[0]]:
-                    for report in args.report_loss if rate is not None else [True]:
-                        points.append(
-                            Point(
-                                method=method,
-                                seq_len=seq_len,
-                                chunk_size=chunk,
-                                loss_chunk_size=args.loss_chunk_size if chunked else None,
-                                report_loss=report,
-                                weights=weights,
-                                model=args.model,
-                                device=args.device,
-                                dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"),
-                                batch=args.batch,
-                                repeats=args.repeats,
-                                threads=args.threads,
-                                lora_rank=args.lora_rank,
-                                seed=args.seed,
-                                mem_limit_gb=args.mem_limit_gb,
-                            )
-                        )
+    for seq_len, weights, method in itertools.product(args.seq_lens, args.weights, args.methods):
+        rate = parse_method(method)
+        chunked = method == "seco" or rate is not None
+        variants = itertools.product(
+            args.chunk_sizes if chunked else args.chunk_sizes[:1],
+            args.loss_chunk_sizes if chunked else [None],
+            args.report_loss if rate is not None else [True],
+        )
+        for chunk, loss_chunk, report in variants:
+            points.append(Point(method, seq_len, chunk, loss_chunk, report, weights, **common))
     return points
 
 
-def sweep(points: list[Point], cpus: str | None, timeout: float, log=print, saved=None, what="both") -> list[dict]:
+def sweep(
+    points: list[Point], cpus: str | None, timeout: float, log=print, saved=None, what="both", interleave=False, draws=1
+) -> list[dict]:
     """Run every point; a method that ran out of memory is not retried at longer sequences.
 
     saved(rows), if given, is called after each point (so a stopped sweep keeps its rows).
     what: measure "both", only "time" or only "memory" (see ``run_point``).
+    interleave (CPU): per sequence length, the memory of each point in its own fresh
+    process, then the timing of all of them in one process, alternating (``run_interleaved``).
     """
     rows, failed = [], set()
-    for point in points:
-        if point.label in failed:
-            result = {"status": "OOM", "error": "skipped: OOM at a shorter sequence"}
-        else:
-            t0 = time.monotonic()
-            result = run_point(point, cpus, timeout, what)
-            result["wall_s"] = round(time.monotonic() - t0, 1)
-        if result["status"] == "OOM":
-            failed.add(point.label)
-        row = {"label": point.label, **dataclasses.asdict(point), **result}
-        log(_progress(row))
-        rows.append(row)
+    for group in _groups(points, interleave):
+        results = {}
+        for point in group:
+            if point.label in failed:
+                results[point] = {"status": "OOM", "error": "skipped: OOM at a shorter sequence"}
+            elif interleave and what == "time":
+                results[point] = {"status": "ok"}
+            else:
+                t0 = time.monotonic()
+                results[point] = run_point(point, cpus, timeout, "memory" if interleave else what)
+                results[point]["wall_s"] = round(time.monotonic() - t0, 1)
+        if interleave and what != "memory":
+            _time_together(group, results, cpus, timeout, draws)
+        for point in group:
+            if results[point]["status"] == "OOM":
+                failed.add(point.label)
+            rows.append({"label": point.label, **dataclasses.asdict(point), **results[point]})
+            log(_progress(rows[-1]))
         if saved is not None:
             saved(rows)
     return rows
+
+
+def _groups(points: list[Point], interleave: bool) -> list[list[Point]]:
+    """One point per group, or (interleave) the points sharing a length and weights, in order."""
+    if not interleave:
+        return [[p] for p in points]
+    groups: dict[tuple, list[Point]] = {}
+    for p in points:
+        groups.setdefault((p.seq_len, p.weights), []).append(p)
+    return list(groups.values())
+
+
+def _time_together(group: list[Point], results: dict, cpus: str | None, timeout: float, draws: int) -> None:
+    """Add the interleaved timing of the group's points that passed their memory run."""
+    timed = [p for p in group if results[p]["status"] == "ok"]
+    if not timed:
+        return
+    for point, out in zip(timed, run_interleaved(timed, cpus, timeout, draws)):
+        results[point] = {**results[point], **out} if out["status"] == "ok" else out
 
 
 def _progress(row: dict) -> str:
@@ -651,12 +735,18 @@ def describe(args: argparse.Namespace, cpus: str | None) -> str:
     )
     if args.measure == "time":
         mem = "not measured (--measure time)"
+    if args.interleave:
+        mem += "; times: all methods of a length timed in one process, alternating steps round by round"
     return (
         f"model: {model}; device {args.device}, {args.threads} thread(s), pinned to CPUs {cpus or 'none'}; "
         f"torch {version('torch')}; batch {args.batch}; s/step: median (and mean) of {args.repeats} steps after "
-        f"1 warm-up (step = forward + backward), wall and CPU time of the process (ratios: CPU time on CPU, "
-        f"wall on CUDA); peak MiB: {mem}; fresh processes per point."
+        f"1 warm-up (step = forward + backward{'; SpaCO: x ' + str(args.draws_per_round) if args.interleave else ''}), "
+        f"wall and CPU time of the process (ratios: CPU time on CPU, wall on CUDA); peak MiB: {mem}."
     )
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
 
 
 def _bool(text: str) -> bool:
@@ -671,7 +761,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--methods", nargs="+", default=["plain", "ckpt", "seco"], help="plain ckpt seco spaco@<rate>")
     p.add_argument("--chunk-sizes", type=int, nargs="+", default=[512], help="chunk sizes for seco/spaco")
-    p.add_argument("--loss-chunk-size", type=int, default=None, help="LM head + CE sub-chunk (seco/spaco)")
+    p.add_argument("--loss-chunk-sizes", type=_optional_int, nargs="+", default=[None],
+                   help="LM head + CE sub-chunk sizes for seco/spaco, 'none' = whole chunk")  # fmt: skip
     p.add_argument("--report-loss", type=_bool, nargs="+", default=[True], help="spaco report_loss: true false")
     p.add_argument("--weights", nargs="+", choices=["full", "qlora"], default=["full"], help="qlora: NF4 + LoRA")
     p.add_argument("--lora-rank", type=int, default=8)
@@ -684,6 +775,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus", default="auto", help="taskset CPU list for the measured processes; 'none' to not pin")
     p.add_argument("--mem-limit-gb", type=float, default=None, help="record OOM past this (RSS / CUDA allocated)")
     p.add_argument("--measure", choices=["both", "time", "memory"], default="both", help="what to measure (CPU)")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="CPU: time all methods of a length in one process, "
+        "alternating steps (robust ratios on a shared machine); memory still one fresh process per point",
+    )
+    p.add_argument("--draws-per-round", type=int, default=1, help="with --interleave: SpaCO steps per round")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per point before it is recorded as timeout")
     p.add_argument("--ref", default=None, help="method the ratio columns divide by (default plain, else seco)")
     p.add_argument("--out", type=Path, default=Path("bench_out"))
@@ -695,6 +793,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     for method in args.methods:
         parse_method(method)
+    if args.interleave and args.device == "cuda":
+        p.error("--interleave is for CPU runs")
     return args
 
 
@@ -760,7 +860,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         csv_path = stem.with_suffix(".csv")
         save = lambda rows: write_csv(rows, csv_path)  # noqa: E731
-        rows = sweep(expand(args), cpus, args.timeout, _log, saved=save, what=args.measure)
+        rows = sweep(expand(args), cpus, args.timeout, _log, save, args.measure, args.interleave, args.draws_per_round)
     table = write_outputs(rows, stem, header, ref)
     print("\n" + table + f"\n\nwrote {stem}.csv, {stem}.md, {stem}.png")
 

@@ -256,17 +256,20 @@ def kv_token_bytes(shape: ModelShape, setup: Setup) -> int:
 
 
 def logits_bytes(shape: ModelShape, setup: Setup, tokens: int) -> float:
-    """Peak of LM head + cross-entropy over ``tokens`` positions (per loss sub-chunk).
+    """Peak of LM head + cross-entropy over ``tokens`` positions, in loss sub-chunks of ``s``.
 
     Logits are upcast to float32 for the loss. At the CE backward three [s, V] float32
     tensors are alive: log-softmax output (saved), its gradient, the logits' gradient.
-    Right after, the LM-head backward holds the logits' gradient and a new [V, H] weight
-    gradient (the first one becomes ``.grad``, later ones are added into it).
+    Then the LM head's backward makes a [V, H] weight gradient. One sub-chunk: it is added
+    into ``.grad`` (with the logits' gradient still alive). Several sub-chunks: autograd's
+    input buffer sums their weight gradients out of place before ``.grad`` sees them, so
+    the running sum, the new one and their sum coexist (3 x [V, H]; measured).
     """
     sub = min(setup.loss_chunk_size or tokens, tokens)
     lb = max(4, setup.bytes)
     head = shape.vocab * shape.hidden * setup.bytes if setup.lora_rank == 0 else 0
-    return setup.batch * max(3 * sub * shape.vocab * lb, sub * shape.vocab * lb + head)
+    weight_grad = 3 * head if sub < tokens else sub * shape.vocab * lb + head
+    return setup.batch * max(3 * sub * shape.vocab * lb, weight_grad)
 
 
 # ---- the step's peak, per method -------------------------------------------------------
@@ -285,27 +288,52 @@ def _replay_moment(shape: ModelShape, setup: Setup, start: int, size: int, grads
     grads_done: a later chunk was replayed before, so parameter grads, leaf grads and the
     carried gradient of this chunk exist.
     """
-    b, batch, prefix = setup.bytes, setup.batch, start
+    if setup.kv_offload:
+        return _offloaded_moment(shape, setup, start, size, grads_done)
+    batch, prefix = setup.batch, start
     kv = kv_token_bytes(shape, setup) * batch
     share = 1.0 if setup.method == "seco" else setup.sparse_rate  # SpaCO: only replayed leaves get grads
-    leaves = prefix * kv  # m_0..m_{c-1}; m_c itself was freed when its replay began
-    leaf_grads = (prefix * share + size) * kv if grads_done else 0.0  # prefix leaves' .grad + m_c's carried grad
-    transfer = 0.0
-    if setup.kv_offload:  # leaves and grads live on the host; one layer's prefix is copied in at a time
-        leaves, leaf_grads, transfer = 0.0, 0.0, prefix * kv / shape.layers
-    # With a prefix, SDPA gets a mask, and HF then repeats K/V over the query heads (GQA).
-    heads = shape.heads if prefix and shape.heads > shape.kv_heads else shape.kv_heads
-    # cat(prefix, chunk) K and V per layer, [B, heads, prefix + size, d], saved by SDPA.
-    attention = shape.layers * (prefix + size) * 2 * heads * shape.head_dim * b * batch + transfer
-    # The bool mask [B, 1, size, prefix + size] is built once, but SDPA converts it to a
-    # float mask in every layer and saves that copy for its backward.
-    mask = (shape.layers * b + 1) * size * (prefix + size) * batch if prefix else 0
     return {
         "gradients": gradient_bytes(shape, setup) if grads_done else 0.0,
-        "kv_leaves": leaves,
-        "kv_grads": leaf_grads,
-        "attention_kv": attention + mask,
+        "kv_leaves": prefix * kv,  # m_0..m_{c-1}; m_c itself was freed when its replay began
+        # the prefix leaves' .grad + the gradient carried into m_c
+        "kv_grads": (prefix * share + size) * kv if grads_done else 0.0,
+        # cat(prefix, chunk) K and V and a float mask saved by SDPA in every layer, + the bool mask
+        "attention_kv": shape.layers * _attention_bytes(shape, setup, prefix, size) + _bool_mask(setup, prefix, size),
         "activations": size * batch * _token_bytes(shape, setup),
+        "logits": logits_bytes(shape, setup, size),
+    }
+
+
+def _attention_bytes(shape: ModelShape, setup: Setup, prefix: int, size: int) -> float:
+    """What one layer's attention keeps for a chunk: cat(prefix, chunk) K and V
+    [B, heads, prefix + size, d], repeated over the query heads when there is a prefix
+    (SDPA then gets a mask, and HF repeats K/V for GQA), and the float copy SDPA makes of
+    the bool mask [B, 1, size, prefix + size] in every layer.
+    """
+    heads = shape.heads if prefix and shape.heads > shape.kv_heads else shape.kv_heads
+    kv = (prefix + size) * 2 * heads * shape.head_dim * setup.bytes
+    mask = setup.bytes * size * (prefix + size) if prefix else 0
+    return setup.batch * (kv + mask)
+
+
+def _bool_mask(setup: Setup, prefix: int, size: int) -> float:
+    """The bool attention mask [B, 1, size, prefix + size] HF builds once per chunk (none without a prefix)."""
+    return setup.batch * size * (prefix + size) if prefix else 0.0
+
+
+def _offloaded_moment(shape: ModelShape, setup: Setup, start: int, size: int, grads_done: bool) -> dict[str, float]:
+    """kv_offload: the leaves and their grads live on the host, and so does everything a
+    replay saves for backward (the scheduler packs saved tensors with save_on_cpu). The
+    device keeps parameter grads and one layer's working set: in its backward, its K/V
+    cat(prefix, chunk) brought back and its gradient; or, at the CE backward, the loss's
+    [s, V] tensors. Not checked by measurement (on a CPU the offload is a no-op).
+    """
+    layer = size * setup.batch * layer_activation_bytes(shape, setup)
+    return {
+        "gradients": gradient_bytes(shape, setup) if grads_done else 0.0,
+        "attention_kv": 2 * _attention_bytes(shape, setup, start, size) + _bool_mask(setup, start, size),
+        "activations": layer,
         "logits": logits_bytes(shape, setup, size),
     }
 

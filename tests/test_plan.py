@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
-from ds_chunk.bench import Point, markdown_table, run_point, sweep
+from ds_chunk.bench import Point, markdown_table, run_interleaved, run_point, sweep
 from ds_chunk.plan import GIB, MIB, ModelShape, Setup, estimate, layer_activation_bytes, recommend
 
 # The CPU benchmark model: Llama, 4 layers, hidden 256, 4 heads = 4 KV heads (d = 64),
@@ -84,6 +84,16 @@ def test_seco_step_components_by_hand():
     assert est.step == pytest.approx(expected, rel=1e-12)
 
 
+def test_loss_sub_chunks_by_hand():
+    """loss_chunk_size 128: [128, V] logits, but the sub-chunks' LM-head weight gradients are
+    summed out of place by autograd (running sum + new + result), as measured."""
+    est = estimate(ModelShape.from_config(BENCH), Setup(seq_len=2048, chunk_size=512, loss_chunk_size=128))
+    bf16_head = 32000 * 256 * 2
+    assert est.step["logits"] == max(3 * 128 * 32000 * 4, 3 * bf16_head)
+    fp32 = estimate(ModelShape.from_config(BENCH), Setup(seq_len=2048, loss_chunk_size=128, dtype="float32"))
+    assert fp32.step["logits"] == 3 * 32000 * 256 * 4
+
+
 def test_plain_and_ckpt_by_hand():
     shape = ModelShape.from_config(BENCH)
     plain = estimate(shape, Setup(seq_len=2048, method="plain", dtype="float32")).step
@@ -135,11 +145,15 @@ def test_gqa_repeat_and_kv_offload():
     assert on["attention_kv"] == copies + (32 * 2 + 1) * chunk * (prefix + chunk)
     assert on["kv_leaves"] == prefix * 32 * 2 * 8 * 128 * 2
     off = estimate(shape, Setup(seq_len=16384, chunk_size=512, quant="4bit", lora_rank=8, kv_offload=True)).step
-    assert off["kv_leaves"] == off["kv_grads"] == 0
-    # Now the last chunk's replay peaks (512 more prefix tokens; LoRA's grads are tiny), and one
-    # layer's prefix is copied to the device at a time.
-    last = 16384 - 512
-    assert off["attention_kv"] == 32 * 16384 * 2 * 32 * 128 * 2 + 65 * 512 * 16384 + last * 2 * 8 * 128 * 2
+    # Leaves, grads and all saved tensors on the host; the device holds one layer's working set.
+    # The last chunk's replay peaks (512 more prefix tokens; LoRA's grads are tiny): its K/V
+    # cat(prefix, chunk) and their gradient, with the float mask, + the bool mask once.
+    one_layer = 16384 * 2 * 32 * 128 * 2 + 2 * 512 * 16384
+    assert "kv_leaves" not in off and off["attention_kv"] == 2 * one_layer + 512 * 16384
+    # one layer's activations, bf16 QLoRA (q, v): norm input copies, LoRA input copies,
+    # SDPA q, k, v, out + logsumexp, 2 residuals, gate/SiLU/up, lora_A outputs
+    layer = 2 * 4 * 4096 + 2 * 4 * 4096 + 2 * (4096 + 1024 + 1024 + 4096) + 4 * 32 + 2 * 2 * 4096 + 3 * 2 * 14336 + 64
+    assert off["activations"] == 512 * layer
 
 
 def test_recommend_picks_largest_fitting_chunk():
@@ -227,3 +241,15 @@ def test_bench_records_oom_and_goes_on(tmp_path):
     assert [r["status"] for r in rows] == ["OOM", "OOM"]
     assert "skipped" in rows[1]["error"]
     assert "| plain | 1024 | OOM |" in markdown_table(rows, "plain")
+
+
+@pytest.mark.slow
+def test_interleaved_timing_covers_every_point(tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    base = Point(method="plain", seq_len=256, chunk_size=64, model=str(config), repeats=2)
+    points = [base, dataclasses.replace(base, method="ckpt"), dataclasses.replace(base, method="spaco@0.5")]
+    results = run_interleaved(points, cpus=None, timeout=300, draws=2)
+    assert [r["status"] for r in results] == ["ok"] * 3
+    assert [len(r["cpu_s_all"]) for r in results] == [2, 2, 4]  # rounds, SpaCO x draws
+    assert results[2]["replayed_mean"] <= 4
