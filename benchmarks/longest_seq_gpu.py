@@ -5,7 +5,8 @@
 
 For kv_offload off and on, doubles the sequence length from --start until a step
 (SeCO backward + AdamW on the LoRA weights) runs out of memory, and prints a table:
-longest length, seconds per step, peak device memory, host RSS. Random weights from a
+longest length, seconds per step, peak device memory, the host memory the offloaded
+KV cache took at its peak, and the process's host RSS. Random weights from a
 config: nothing is downloaded. Weights are quantized layer by layer on the device, so
 the bf16 model (16 GB) never exists at once.
 """
@@ -76,13 +77,14 @@ def try_step(model, opt, seq_len: int, chunk: int, offload: bool, device: torch.
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        sched.backward(model, ids)
+        result = sched.backward(model, ids)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        return {"seconds": time.perf_counter() - t0, "device_gib": peak}
+        kv_host = result.host_peak_bytes / 2**30
+        return {"seconds": time.perf_counter() - t0, "device_gib": peak, "kv_host_gib": kv_host}
     except torch.OutOfMemoryError:
         opt.zero_grad(set_to_none=True)
         return None
@@ -121,13 +123,15 @@ def main() -> None:
     model = build_qlora(TINY if args.tiny else LLAMA3_8B, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     rows = sweep(model, opt, args, offload=False) + sweep(model, opt, args, offload=True)
-    print("\n| kv_offload | longest tokens that train | s/step there | peak device GiB | host RSS GiB |")
-    print("|---|---|---|---|---|")
+    print("\n| kv_offload | longest tokens that train | s/step there | peak device GiB | KV host GiB | host RSS GiB |")
+    print("|---|---|---|---|---|---|")
     for offload in (False, True):
         ok = [r for r in rows if r["kv_offload"] == offload and "oom" not in r]
-        best = ok[-1] if ok else {"tokens": 0, "seconds": float("nan"), "device_gib": float("nan")}
+        nan = float("nan")
+        best = ok[-1] if ok else {"tokens": 0, "seconds": nan, "device_gib": nan, "kv_host_gib": nan}
         host = rows[-1]["host_rss_gib"]
-        print(f"| {offload} | {best['tokens']} | {best['seconds']:.2f} | {best['device_gib']:.2f} | {host:.1f} |")
+        cells = f"{best['seconds']:.2f} | {best['device_gib']:.2f} | {best['kv_host_gib']:.2f} | {host:.1f}"
+        print(f"| {offload} | {best['tokens']} | {cells} |")
     same = {r["tokens"]: r for r in rows if "oom" not in r and not r["kv_offload"]}
     for r in rows:
         if r["kv_offload"] and "oom" not in r and r["tokens"] in same:

@@ -10,9 +10,9 @@ m_i can be injected (see ``scheduler.py``). That cat is the only copy of the pre
 and attention needs it anyway.
 
 With ``storage`` set (kv_offload) the leaves and their grads live on that device
-(host memory); a layer's prefix is copied to the compute device only when that
-layer's attention runs, and its gradient flows back through the copy into the host
-leaves.
+(host memory, counted in ``memory``); a layer's prefix is copied to the compute device
+only when that layer's attention runs (``offload.PrefixFetcher``), and its gradient
+flows back through the copy into the host leaves.
 """
 
 from __future__ import annotations
@@ -20,55 +20,62 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ds_chunk.offload import HostMemory, PrefixFetcher, to_host
+
 
 class KVStore:
     """keys[layer][chunk], values[layer][chunk]: the leaves m_chunk of every layer."""
 
-    def __init__(self, num_layers: int, storage: torch.device | None = None):
+    def __init__(self, num_layers: int, storage: torch.device | None = None, memory: HostMemory | None = None):
         self.keys: list[list[torch.Tensor | None]] = [[] for _ in range(num_layers)]
         self.values: list[list[torch.Tensor | None]] = [[] for _ in range(num_layers)]
         self.storage = storage
+        self.memory = memory if memory is not None else HostMemory()
         self.lengths: list[int] = []  # tokens per stored chunk
+        self.copies = 0  # layer prefixes fetched from storage (kv_offload)
+        self._stream = None  # CUDA side stream of the prefetches, made on first use
 
     @property
     def num_layers(self) -> int:
         return len(self.keys)
 
     def put(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self.storage is not None:
-            k, v = self._to_storage(k), self._to_storage(v)
-        self.keys[layer].append(k.detach())
-        self.values[layer].append(v.detach())
+        k, v = k.detach(), v.detach()
+        if self.storage is not None:  # tracked as stored: a detach() would be a new object
+            k, v = self.memory.track(to_host(k, self.storage)), self.memory.track(to_host(v, self.storage))
+        self.keys[layer].append(k)
+        self.values[layer].append(v)
         if layer == 0:
             self.lengths.append(k.shape[-2])
-
-    def _to_storage(self, t: torch.Tensor) -> torch.Tensor:
-        if t.device == self.storage:
-            return t.clone()  # the copy a real device would make, so the CPU tests run this path
-        # pinned host memory: the device-to-host copy runs asynchronously, and later
-        # host-to-device fetches on the same stream are ordered after it
-        host = torch.empty(t.shape, dtype=t.dtype, device=self.storage, pin_memory=t.is_cuda)
-        return host.copy_(t, non_blocking=t.is_cuda)
 
     def prefix_len(self, chunk: int) -> int:
         return sum(self.lengths[:chunk])
 
-    def joined(self, layer: int, chunk: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cat(m_0..m_{chunk-1}, (k, v)) on k's device, for layer ``layer``."""
-        if chunk == 0:
-            return k, v
-        ks, vs = self.keys[layer][:chunk], self.values[layer][:chunk]
-        if self.storage is not None and self.storage != k.device:
-            ks = [t.to(k.device, non_blocking=True) for t in ks]
-            vs = [t.to(v.device, non_blocking=True) for t in vs]
-        return torch.cat([*ks, k], dim=-2), torch.cat([*vs, v], dim=-2)
+    def fetcher(self, chunk: int, device: torch.device) -> PrefixFetcher | None:
+        """The layer-by-layer fetcher of chunk's prefix from storage (None without kv_offload)."""
+        if self.storage is None or chunk == 0:
+            return None
+        if device.type == "cuda" and self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        return PrefixFetcher(self, chunk, self._stream if device.type == "cuda" else None)
+
+    def prefix(self, layer: int, chunk: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """m_0..m_{chunk-1} of ``layer``, where they are stored."""
+        return self.keys[layer][:chunk], self.values[layer][:chunk]
 
     def require_grad(self, chunks: list[int]) -> None:
         """Make the leaves of ``chunks`` collect gradient from later chunks' replays."""
         for layer in range(self.num_layers):
             for c in chunks:
-                self.keys[layer][c].requires_grad_(True)
-                self.values[layer][c].requires_grad_(True)
+                for leaf in (self.keys[layer][c], self.values[layer][c]):
+                    leaf.requires_grad_(True)
+                    if self.storage is not None:
+                        leaf.register_post_accumulate_grad_hook(self._count_grad)
+
+    def _count_grad(self, leaf: torch.Tensor) -> None:
+        if not getattr(leaf.grad, "_ds_chunk_counted", False):  # a new .grad, not an accumulation
+            leaf.grad._ds_chunk_counted = True
+            self.memory.track(leaf.grad)
 
     def pop_grads(self, chunk: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """The gradient collected on m_chunk, per layer (None if none arrived); frees m_chunk.
@@ -85,13 +92,6 @@ class KVStore:
             self.keys[layer][chunk] = self.values[layer][chunk] = None
         return grads
 
-    def nbytes(self) -> int:
-        """Bytes held by the leaves and their grads (for reporting)."""
-        total = 0
-        for t in (t for per_layer in self.keys + self.values for t in per_layer if t is not None):
-            total += t.nbytes + (t.grad.nbytes if t.grad is not None else 0)
-        return total
-
 
 class ChunkCache(Cache):
     """A transformers ``Cache`` for one forward of chunk ``chunk``, backed by a KVStore.
@@ -102,18 +102,26 @@ class ChunkCache(Cache):
     pure function of the store, so the recompute reads the same prefix).
     """
 
-    def __init__(self, store: KVStore, chunk: int, record: bool):
+    def __init__(self, store: KVStore, chunk: int, record: bool, device: torch.device):
         super().__init__(layers=[DynamicLayer() for _ in range(store.num_layers)])
         self.store, self.chunk, self.record = store, chunk, record
         self.past = store.prefix_len(chunk)
         self.fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fetcher = store.fetcher(chunk, device)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """cat(m_0..m_{chunk-1}, new K/V) of this layer, on the new K/V's device."""
         if self.record:
             self.store.put(layer_idx, key_states, value_states)
         else:
             self.fresh[layer_idx] = (key_states, value_states)
-        return self.store.joined(layer_idx, self.chunk, key_states, value_states)
+        if self.chunk == 0:
+            return key_states, value_states
+        if self.fetcher is None:
+            ks, vs = self.store.prefix(layer_idx, self.chunk)
+        else:
+            ks, vs = self.fetcher.fetch(layer_idx, key_states.device)
+        return torch.cat([*ks, key_states], dim=-2), torch.cat([*vs, value_states], dim=-2)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.past

@@ -32,6 +32,7 @@ from ds_chunk.chunking import IGNORE_INDEX, check_inputs, chunk_bounds, prepare_
 from ds_chunk.config import ChunkwiseConfig
 from ds_chunk.kv import ChunkCache, KVStore
 from ds_chunk.loss import chunk_loss
+from ds_chunk.offload import SaveOnHost
 from ds_chunk.sampling import ChunkSampler
 
 BackwardFn = Callable[[torch.Tensor, bool], None]
@@ -54,6 +55,8 @@ class ChunkResult:
         NaN when SpaCO skipped it (``report_loss: false``).
     num_tokens: the normaliser (supervised tokens) the chunk losses were divided by.
     replayed: chunks replayed with autograd, ascending; weights: chunk -> 1/pi.
+    host_peak_bytes: with kv_offload, the most host memory the call held at once (KV
+        leaves, their gradients, saved tensors); 0 without.
     """
 
     loss: torch.Tensor
@@ -61,6 +64,7 @@ class ChunkResult:
     num_chunks: int
     replayed: list[int] = field(default_factory=list)
     weights: dict[int, float] = field(default_factory=dict)
+    host_peak_bytes: int = 0
 
 
 class ChunkScheduler:
@@ -130,7 +134,8 @@ class ChunkScheduler:
             loss += run.replay(weights, backward_fn or self.backward_fn, boundary)
         if not report:
             loss = torch.tensor(float("nan"))
-        return ChunkResult(loss.detach(), n, len(bounds), sorted(weights), weights)
+        host = run.store.memory.peak
+        return ChunkResult(loss.detach(), n, len(bounds), sorted(weights), weights, host)
 
     def _plan(self, has_loss: list[bool], sampled: list[int] | None, step: int, rank: int) -> dict[int, float]:
         """chunk -> weight for the chunks to replay; chunks that cannot carry gradient are dropped."""
@@ -154,7 +159,7 @@ class _ChunkRun:
     """The state of one scheduler call: the model's parts, the batch, the KV store."""
 
     def __init__(self, hf, config: ChunkwiseConfig, input_ids, target, attention_mask, bounds, normalizer, forward_fn):
-        self.decoder, self.lm_head = hf.get_decoder(), hf.get_output_embeddings()
+        self.model, self.decoder, self.lm_head = hf, hf.get_decoder(), hf.get_output_embeddings()
         self.forward_fn = forward_fn or (lambda kwargs: self.decoder(**kwargs)[0])
         self.cache_key = cache_kwarg(self.decoder)
         self.input_ids, self.target, self.mask = input_ids, target, attention_mask
@@ -169,7 +174,7 @@ class _ChunkRun:
 
     def hidden(self, c: int, record: bool) -> tuple[torch.Tensor, ChunkCache]:
         s, e = self.bounds[c]
-        cache = ChunkCache(self.store, c, record)
+        cache = ChunkCache(self.store, c, record, self.input_ids.device)
         kwargs = {
             "input_ids": self.input_ids[:, s:e],
             "attention_mask": None if self.mask is None else self.mask[:, :e],
@@ -211,7 +216,7 @@ class _ChunkRun:
         joined prefix K/V that attention keeps) wait in host memory until backward."""
         if self.store.storage is None:
             return contextlib.nullcontext()
-        return torch.autograd.graph.save_on_cpu(pin_memory=self.input_ids.is_cuda)
+        return SaveOnHost(self.model, self.store.storage, self.store.memory)
 
     def replay(self, weights: dict[int, float], backward_fn: BackwardFn, boundary: bool) -> torch.Tensor:
         """Reverse replay with autograd; returns the unweighted loss of the replayed chunks."""

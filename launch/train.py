@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, help="overrides chunkwise.chunk_size")
     p.add_argument("--sparse-rate", type=float, help="SpaCO: replay each chunk with this probability")
     p.add_argument("--truncate", action="store_true", help="baseline: no gradient across chunk boundaries")
+    p.add_argument("--kv-offload", action="store_true", help="KV cache, its gradient and saved tensors in host memory")
     p.add_argument("--lr", type=float, help="overrides optimizer.params.lr")
     p.add_argument("--max-steps", type=int, default=250)
     p.add_argument("--eval-every", type=int, default=50)
@@ -72,7 +73,8 @@ def load_config(args: argparse.Namespace, micro_batch: int | None = None) -> dic
         raise FileNotFoundError(f"DeepSpeed config not found: {args.deepspeed_config}")
     with open(args.deepspeed_config) as f:
         cfg = json.load(f)
-    if "chunkwise" not in cfg and args.chunk_size is None and args.sparse_rate is None and not args.truncate:
+    chunk_flags = (args.chunk_size, args.sparse_rate, args.truncate or None, args.kv_offload or None)
+    if "chunkwise" not in cfg and all(flag is None for flag in chunk_flags):
         cfg["chunkwise"] = {"enabled": False}  # a plain DeepSpeed config trains unchunked, as the library does
     chunkwise = dict(cfg.get("chunkwise", {}))
     if args.chunk_size is not None:
@@ -82,6 +84,8 @@ def load_config(args: argparse.Namespace, micro_batch: int | None = None) -> dic
         chunkwise["sparse"].pop("num_chunks", None)
     if args.truncate:
         chunkwise["truncate"] = True
+    if args.kv_offload:
+        chunkwise["kv_offload"] = True
     cfg["chunkwise"] = chunkwise
     ChunkwiseConfig.from_dict(chunkwise)  # fail early, naming the key
     if args.lr is not None:
@@ -193,6 +197,9 @@ def build_data(args: argparse.Namespace, cfg: dict):
     return train_set, TokenizedDataset(records[:held_out], tokenizer, args.seq_len)
 
 
+BAR_KEYS = ("loss", "tok/s", "peak_gb", "host_gb", "replayed")
+
+
 class Logger:
     """Rank 0: a tqdm bar, <output-dir>/metrics.jsonl, and tensorboard when asked."""
 
@@ -218,7 +225,7 @@ class Logger:
             if self.tb is not None and key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, record["step"])
         if advance:
-            self.bar.set_postfix({k: record[k] for k in ("loss", "tok/s", "peak_gb", "replayed")}, refresh=False)
+            self.bar.set_postfix({k: record[k] for k in BAR_KEYS}, refresh=False)
             self.bar.update(1)
         else:
             self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -229,10 +236,12 @@ class Logger:
             self.file.close()
 
 
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+def peak_memory_gb() -> dict:
+    """Peak device memory (CUDA; on CPU the process RSS) and peak host memory (process RSS:
+    with ZeRO offload the optimizer lives there, with kv_offload the KV cache)."""
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    device = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else host
+    return {"peak_gb": round(device, 3), "host_gb": round(host, 3)}
 
 
 def run_eval(engine, data, args, chunk_size: int, micro: int) -> dict:
@@ -277,9 +286,17 @@ def train_step(engine, batch: dict, step: int, world: int) -> dict:
         "loss": loss,
         "lr": engine.get_lr()[0],
         "tok/s": round(tokens / (time.perf_counter() - t0)),
-        "peak_gb": round(peak_memory_gb(), 3),
+        **peak_memory_gb(),
         "replayed": sum(len(r.replayed) for r in engine.last_results),
-    }
+    } | kv_host(engine)
+
+
+def kv_host(engine) -> dict:
+    """With kv_offload: the most host memory a micro-batch's KV cache, its gradient and the
+    saved tensors took (part of host_gb)."""
+    if not engine.chunkwise.kv_offload:
+        return {}
+    return {"kv_host_gb": round(max(r.host_peak_bytes for r in engine.last_results) / 2**30, 3)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -49,6 +49,16 @@ def test_resume_with_lora_dropout_is_exact_and_adapter_loads(tmp_path):
     assert any("lora_A" in n for n, _ in adapter.named_parameters())
 
 
+def test_kv_offload_trains_the_same_and_reports_host_memory(tmp_path):
+    args = [*SMALL, "--max-steps", "2"]
+    plain = train.main([*args, "--output-dir", str(tmp_path / "a")])
+    offload = train.main([*args, "--kv-offload", "--output-dir", str(tmp_path / "b")])
+    assert _losses(offload) == _losses(plain)  # the copies move values, never change them
+    steps = [r for r in offload if "loss" in r]
+    assert all(0 < r["kv_host_gb"] <= r["host_gb"] for r in steps)
+    assert "kv_host_gb" not in plain[0] and plain[0]["host_gb"] > 0
+
+
 def test_spaco_resume_replays_the_same_draws(tmp_path):
     args = [*SMALL, "--sparse-rate", "0.5"]
     full = train.main([*args, "--max-steps", "4", "--output-dir", str(tmp_path / "a")])
