@@ -1,0 +1,147 @@
+"""One benchmark point (a method at one sequence length) and the model and training step
+it measures (built inside the worker process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tempfile
+
+# The CPU model of the SeCO issue: Llama, 4 layers, hidden 256, vocab 32000. 4 query heads
+# over 4 KV heads (head_dim 64) and intermediate 688 (~ 8/3 x 256, Llama's MLP ratio).
+DEFAULT_MODEL = dict(
+    vocab_size=32000,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=65536,
+    tie_word_embeddings=False,
+)
+LORA_TARGETS = ("q_proj", "v_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One benchmark measurement: a method at one sequence length."""
+
+    method: str  # plain | ckpt | seco | spaco@<rate>
+    seq_len: int
+    chunk_size: int = 512
+    loss_chunk_size: int | None = None
+    report_loss: bool = True
+    weights: str = "full"  # full | qlora
+    model: str | None = None  # None: DEFAULT_MODEL; a config.json (random init); a local path or hub id
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch: int = 1
+    repeats: int = 3
+    threads: int = 1
+    lora_rank: int = 8
+    seed: int = 0
+    mem_limit_gb: float | None = None
+
+    @property
+    def chunked(self) -> bool:
+        return self.method == "seco" or self.method.startswith("spaco@")
+
+    @property
+    def label(self) -> str:
+        """Method name with the settings that change it, e.g. ``spaco@0.125[512,no-loss]``."""
+        name = self.method
+        if self.chunked:
+            opts = [str(self.chunk_size)]
+            if self.loss_chunk_size:
+                opts.append(f"loss{self.loss_chunk_size}")
+            if self.method.startswith("spaco@") and not self.report_loss:
+                opts.append("no-loss")
+            name += "[" + ",".join(opts) + "]"
+        return name + (" +qlora" if self.weights == "qlora" else "")
+
+
+def parse_method(method: str) -> float | None:
+    """The SpaCO rate of ``spaco@<rate>`` (None for the other methods); raises on unknown names."""
+    if method in ("plain", "ckpt", "seco"):
+        return None
+    m = re.fullmatch(r"spaco@([0-9.]+(?:e-?\d+)?)", method)
+    if m is None or not 0.0 < float(m.group(1)) <= 1.0:
+        raise ValueError(f"unknown method {method!r}: expected plain, ckpt, seco or spaco@<rate in (0, 1]>")
+    return float(m.group(1))
+
+
+# ---- model and step (run inside the worker process) ----------------------------------
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _base_model(point: Point):
+    """The full-precision model: the default config, a config.json (random init), or pretrained."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    dtype = _torch_dtype(point.dtype)
+    torch.manual_seed(point.seed)
+    if point.model is None:
+        config = LlamaConfig(**DEFAULT_MODEL)
+    elif point.model.endswith(".json"):
+        config = AutoConfig.from_pretrained(point.model)
+    else:
+        return AutoModelForCausalLM.from_pretrained(point.model, dtype=dtype)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _qlora_model(point: Point):
+    """NF4 base weights (bitsandbytes) + LoRA on q_proj, v_proj (r, alpha = 2r, dropout 0)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = _torch_dtype(point.dtype)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = point.model
+        if point.model is None or point.model.endswith(".json"):
+            _base_model(point).save_pretrained(tmp)  # quantize our random-init model via a save
+            source = tmp
+        device_map = {"": 0} if point.device == "cuda" else None
+        model = AutoModelForCausalLM.from_pretrained(
+            source, quantization_config=quant, dtype=dtype, device_map=device_map
+        )
+    lora = LoraConfig(r=point.lora_rank, lora_alpha=2 * point.lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
+    return get_peft_model(model, lora)
+
+
+def build_model(point: Point):
+    """The model of ``point`` on its device, in train mode (gradient checkpointing for ``ckpt``)."""
+    model = _qlora_model(point) if point.weights == "qlora" else _base_model(point).to(point.device)
+    if point.method == "ckpt":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # plain/ckpt: no KV cache copies in a training forward
+    return model.train()
+
+
+def make_step(point: Point, model):
+    """A function running one forward + backward of ``point``; returns chunks replayed (or None)."""
+    import torch
+
+    g = torch.Generator().manual_seed(point.seed)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (point.batch, point.seq_len), generator=g).to(point.device)
+    if not point.chunked:
+
+        def step() -> None:
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+        return step
+    from ds_chunk.scheduler import ChunkScheduler
+
+    config = {"chunk_size": point.chunk_size, "loss_chunk_size": point.loss_chunk_size}
+    rate = parse_method(point.method)
+    if rate is not None:
+        config["sparse"] = {"rate": rate, "report_loss": point.report_loss}
+    scheduler = ChunkScheduler(config)
+    return lambda: len(scheduler.backward(model, ids).replayed)

@@ -1,0 +1,6 @@
+"""``python -m ds_chunk.plan``: the memory breakdown and chunk-size recommendation, or ``--check CSV``."""
+
+from ds_chunk.plan.cli import main
+
+if __name__ == "__main__":
+    main()

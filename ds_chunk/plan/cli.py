@@ -1,0 +1,97 @@
+"""Memory planner: predict the peak memory of a training step and pick the chunk size.
+
+    python -m ds_chunk.plan --config path/to/config.json --seq-len 16384 --gpu-mem-gb 24 \\
+        --dtype bfloat16 --quant 4bit --lora-rank 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+from ds_chunk.plan.compare import check, check_table
+from ds_chunk.plan.predict import estimate, recommend
+from ds_chunk.plan.shape import DTYPE_BYTES, GIB, ModelShape, Setup
+
+# ---- command line ----------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ds_chunk.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="config.json (file or folder), or a hub id (needs the network)")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--gpu-mem-gb", type=float, help="device memory budget; with it, the chunk size is recommended")
+    p.add_argument("--method", choices=["seco", "spaco", "plain", "ckpt"], default="seco")
+    p.add_argument("--chunk-size", type=int, default=512, help="the chunk size to break down (default 512)")
+    p.add_argument("--loss-chunk-size", type=int)
+    p.add_argument("--spaco-rate", type=float, help="SpaCO replay probability (implies --method spaco)")
+    p.add_argument("--kv-offload", action="store_true")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bfloat16")
+    p.add_argument("--quant", choices=["none", "8bit", "4bit"], default="none")
+    p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning")
+    p.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"])
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0)
+    p.add_argument("--offload-optimizer", action="store_true")
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--reserve-gb", type=float, default=1.0, help="CUDA context, workspace, fragmentation")
+    p.add_argument("--check", type=Path, metavar="CSV", help="compare with a ds_chunk.bench CSV instead")
+    args = p.parse_args(argv)
+    if not args.check and (args.config is None or args.seq_len is None):
+        p.error("--config and --seq-len are required (or --check CSV)")
+    return args
+
+
+def setup_from_args(args: argparse.Namespace) -> Setup:
+    return Setup(
+        seq_len=args.seq_len,
+        method="spaco" if args.spaco_rate else args.method,
+        chunk_size=args.chunk_size,
+        loss_chunk_size=args.loss_chunk_size,
+        sparse_rate=args.spaco_rate,
+        kv_offload=args.kv_offload,
+        batch=args.batch,
+        dtype=args.dtype,
+        quant=args.quant,
+        lora_rank=args.lora_rank,
+        lora_targets=tuple(args.lora_targets),
+        zero_stage=args.zero_stage,
+        offload_optimizer=args.offload_optimizer,
+        world_size=args.world_size,
+        gpu_mem_gb=args.gpu_mem_gb,
+        reserve_gb=args.reserve_gb,
+    )
+
+
+def report(shape: ModelShape, setup: Setup) -> str:
+    """The breakdown at ``setup.chunk_size`` and, with a budget, the recommendation."""
+    est = estimate(shape, setup)
+    what = f"{setup.method}" + (f" chunk {setup.chunk_size}" if setup.chunked else "")
+    lines = [f"{what}, T={setup.seq_len}, {shape.params() / 1e6:.0f}M params:", est.table()]
+    if setup.gpu_mem_gb is None:
+        return "\n".join(lines)
+    rec = recommend(shape, setup)
+    if rec.chunk_size and setup.chunked:
+        lines.append(f"recommended chunk_size: {rec.chunk_size} ({rec.estimate.total_bytes / GIB:.2f} GiB "
+                     f"of {setup.gpu_mem_gb} GiB)")  # fmt: skip
+    elif rec.chunk_size:
+        lines.append(f"fits: {est.total_bytes / GIB:.2f} GiB of {setup.gpu_mem_gb} GiB")
+    else:
+        where = " even at the smallest chunk" if setup.chunked else ""
+        lines.append(f"does not fit in {setup.gpu_mem_gb} GiB (needs {rec.estimate.total_bytes / GIB:.2f} GiB"
+                     f"{where}). What would help:")  # fmt: skip
+        lines += [f"  - {a}" for a in rec.advice]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.check:
+        with open(args.check) as f:
+            results = check(list(csv.DictReader(f)))
+        print(check_table(results))
+        worst = max((abs(r["error"]) for r in results), default=0.0)
+        print(f"\nlargest error: {100 * worst:.1f}% over {len(results)} measured points")
+        return
+    print(report(ModelShape.from_config(args.config), setup_from_args(args)))

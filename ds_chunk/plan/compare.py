@@ -1,0 +1,60 @@
+"""The prediction against ``ds_chunk.bench`` measurements: predicted vs measured step peak
+of each CSV row."""
+
+from __future__ import annotations
+
+from ds_chunk.plan.predict import estimate
+from ds_chunk.plan.shape import MIB, ModelShape, Setup
+
+# ---- check against ds_chunk.bench measurements -------------------------------------------
+
+
+def setup_from_bench_row(row: dict) -> Setup:
+    """The Setup of one ``ds_chunk.bench`` CSV row (measured on one device, no ZeRO)."""
+    method = row["method"]
+    rate = float(method.split("@")[1]) if method.startswith("spaco@") else None
+    qlora = row["weights"] == "qlora"
+    return Setup(
+        seq_len=int(row["seq_len"]),
+        method="spaco" if rate else method,
+        chunk_size=int(row["chunk_size"]),
+        loss_chunk_size=int(row["loss_chunk_size"]) if row.get("loss_chunk_size") else None,
+        sparse_rate=rate,
+        batch=int(row["batch"]),
+        dtype=row["dtype"],
+        quant="4bit" if qlora else "none",
+        lora_rank=int(row.get("lora_rank") or 8) if qlora else 0,
+        reserve_gb=0.0,
+    )
+
+
+def _bench_shape(row: dict) -> ModelShape:
+    if row.get("model"):
+        return ModelShape.from_config(row["model"])
+    from ds_chunk.bench import DEFAULT_MODEL
+
+    return ModelShape.from_config(DEFAULT_MODEL)
+
+
+def check(rows: list[dict]) -> list[dict]:
+    """Predicted vs measured step peak for each measured bench row: error = pred / measured - 1."""
+    out = []
+    for row in rows:
+        if row["status"] != "ok" or not row.get("peak_mib"):
+            continue
+        predicted = estimate(_bench_shape(row), setup_from_bench_row(row)).step_bytes / MIB
+        measured = float(row["peak_mib"])
+        out.append({"label": row["label"], "seq_len": int(row["seq_len"]), "measured_mib": measured,
+                    "predicted_mib": predicted, "error": predicted / measured - 1})  # fmt: skip
+    return out
+
+
+def check_table(results: list[dict]) -> str:
+    """Markdown table of ``check`` results."""
+    lines = ["| method | T | measured MiB | predicted MiB | error |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(
+            f"| {r['label']} | {r['seq_len']} | {r['measured_mib']:.1f} | {r['predicted_mib']:.1f} | "
+            f"{100 * r['error']:+.1f}% |"
+        )
+    return "\n".join(lines)

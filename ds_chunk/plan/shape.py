@@ -1,0 +1,119 @@
+"""The model's shape (from a transformers config), the training setup a prediction
+depends on, and the byte sizes they use."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+GIB = 2**30
+MIB = 2**20
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, float32, per trainable parameter
+MASTER_BYTES = 4  # float32 master copy of each trainable parameter under 16-bit mixed precision
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a decoder-only model that memory depends on."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head ([head_dim] weights each)
+
+    @classmethod
+    def from_config(cls, config) -> ModelShape:
+        """From a transformers config object, a config dict, a config.json path or a hub id."""
+        if isinstance(config, (str, Path)):
+            config = _load_config(config)
+        if not isinstance(config, dict):
+            config = config.get_text_config().to_dict()
+        config = config.get("text_config", config)
+        heads = config["num_attention_heads"]
+        bias = config.get("attention_bias")  # Qwen2 has no such key but always uses q/k/v biases
+        return cls(
+            vocab=config["vocab_size"],
+            hidden=config["hidden_size"],
+            intermediate=config["intermediate_size"],
+            layers=config["num_hidden_layers"],
+            heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            tied=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=bool(config.get("model_type") == "qwen2" if bias is None else bias),
+            qk_norm=config.get("model_type") == "qwen3",
+        )
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of one decoder layer."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def layer_params(self) -> int:
+        """Linear weights + q/k/v biases + the RMSNorm weights of one layer."""
+        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        norms = 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
+        return sum(a * b for a, b in self.linears().values()) + bias + norms
+
+    def params(self) -> int:
+        """All parameters: embeddings, LM head (unless tied), layers, final norm."""
+        embed = self.vocab * self.hidden
+        return embed * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
+
+
+def _load_config(source: str | Path) -> dict:
+    """config.json (a file or a folder holding one) offline; otherwise a hub id via transformers."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from transformers import AutoConfig  # needs the network (or the local HF cache)
+
+    return AutoConfig.from_pretrained(str(source)).get_text_config().to_dict()
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """How the model is trained: the knobs the planner's prediction depends on."""
+
+    seq_len: int
+    method: str = "seco"  # seco | spaco | plain | ckpt
+    chunk_size: int = 512
+    loss_chunk_size: int | None = None
+    sparse_rate: float | None = None  # spaco: replay probability
+    kv_offload: bool = False
+    batch: int = 1
+    dtype: str = "bfloat16"  # parameters and activations
+    quant: str = "none"  # none | 8bit | 4bit (base linear weights, bitsandbytes)
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    world_size: int = 1
+    gpu_mem_gb: float | None = None
+    reserve_gb: float = 1.0  # CUDA context, cuBLAS workspace, allocator fragmentation
+
+    @property
+    def bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def chunked(self) -> bool:
+        return self.method in ("seco", "spaco")
