@@ -57,22 +57,32 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class SaveOnHost(torch.autograd.graph.saved_tensors_hooks):
-    """``torch.autograd.graph.save_on_cpu`` for a chunk's replay, with two differences.
+    """``torch.autograd.graph.save_on_cpu`` for a chunk's replay, with three differences.
 
     Tensors that share storage with the model's parameters or buffers are kept as they
     are: ``save_on_cpu`` would copy every saved weight (the LM head, the norms) out to the
-    host on every replay, moving the model once per chunk for nothing. And the bytes kept
-    on the host are counted in ``memory``.
+    host on every replay, moving the model once per chunk for nothing. A tensor saved by
+    several ops (a norm's output read by q, k and v; log-softmax's output, saved by it and
+    by the NLL loss) is copied once while it is unchanged. And the bytes kept on the host
+    are counted in ``memory``.
     """
 
     def __init__(self, model: nn.Module, host: torch.device, memory: HostMemory):
         tensors = [*model.parameters(), *model.buffers()]
         weights = {t.untyped_storage().data_ptr() for t in tensors if t.device.type != "meta"}
+        copies: dict[int, tuple[weakref.ref, int, weakref.ref]] = {}  # id(t) -> (t, version, host copy)
 
         def pack(t: torch.Tensor):
             if t.untyped_storage().data_ptr() in weights:
                 return t
-            return t.device, memory.track(to_host(t, host))
+            known = copies.get(id(t))
+            if known is not None and known[0]() is t and known[1] == t._version and known[2]() is not None:
+                return t.device, known[2]()  # the same tensor, unchanged since it was copied
+            saved = memory.track(to_host(t, host))
+            key = id(t)
+            forget = lambda ref: copies.get(key, (None,))[0] is ref and copies.pop(key)  # noqa: E731
+            copies[key] = (weakref.ref(t, forget), t._version, weakref.ref(saved))
+            return t.device, saved
 
         def unpack(packed):
             if isinstance(packed, torch.Tensor):

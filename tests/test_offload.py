@@ -91,6 +91,17 @@ def test_save_on_host_skips_weights_and_frees_on_backward():
     assert memory.live == 0 and memory.peak == x.nbytes + 16 * 32 * 8
 
 
+def test_save_on_host_copies_a_tensor_saved_twice_once():
+    x = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
+    memory = HostMemory()
+    with SaveOnHost(torch.nn.Module(), CPU, memory):
+        a = x.exp()  # saves its output a
+        b = a * a  # saves a twice more
+    assert memory.live == a.nbytes
+    b.sum().backward()
+    assert torch.allclose(x.grad, 2 * torch.exp(2 * x.detach()))
+
+
 def _filled_store(layers=3, chunks=3) -> KVStore:
     store = KVStore(layers, storage=CPU)
     for c in range(chunks):

@@ -147,13 +147,31 @@ def test_gqa_repeat_and_kv_offload():
     off = estimate(shape, Setup(seq_len=16384, chunk_size=512, quant="4bit", lora_rank=8, kv_offload=True)).step
     # Leaves, grads and all saved tensors on the host; the device holds one layer's working set.
     # The last chunk's replay peaks (512 more prefix tokens; LoRA's grads are tiny): its K/V
-    # cat(prefix, chunk) and their gradient, with the float mask, + the bool mask once.
+    # cat(prefix, chunk) and their gradient, with the float mask, + the bool mask once, + the
+    # next layer's prefix fetched ahead (8 KV heads).
     one_layer = 16384 * 2 * 32 * 128 * 2 + 2 * 512 * 16384
-    assert "kv_leaves" not in off and off["attention_kv"] == 2 * one_layer + 512 * 16384
+    ahead = (16384 - 512) * 2 * 8 * 128 * 2
+    assert "kv_leaves" not in off and off["attention_kv"] == 2 * one_layer + 512 * 16384 + ahead
     # one layer's activations, bf16 QLoRA (q, v): norm input copies, LoRA input copies,
     # SDPA q, k, v, out + logsumexp, 2 residuals, gate/SiLU/up, lora_A outputs
     layer = 2 * 4 * 4096 + 2 * 4 * 4096 + 2 * (4096 + 1024 + 1024 + 4096) + 4 * 32 + 2 * 2 * 4096 + 3 * 2 * 14336 + 64
     assert off["activations"] == 512 * layer
+
+
+@pytest.mark.parametrize("seq_len, chunk, loss_chunk", [(1024, 256, None), (2048, 512, 128)])
+def test_offload_host_memory_against_the_schedulers_count(seq_len, chunk, loss_chunk):
+    """The planner's host bytes for kv_offload vs what the scheduler counted (leaves, grads,
+    saved tensors; exact, not sampled), float32 bench model."""
+    from ds_chunk import ChunkScheduler
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**BENCH), dtype=torch.float32)
+    ids = torch.randint(0, 32000, (1, seq_len))
+    cfg = {"chunk_size": chunk, "loss_chunk_size": loss_chunk, "kv_offload": True}
+    counted = ChunkScheduler(cfg).backward(model, ids).host_peak_bytes
+    setup = Setup(seq_len=seq_len, chunk_size=chunk, loss_chunk_size=loss_chunk, dtype="float32", kv_offload=True)
+    predicted = estimate(ModelShape.from_config(BENCH), setup).host["kv_cache_and_saved"]
+    assert predicted == pytest.approx(counted, rel=0.10)
 
 
 def test_recommend_picks_largest_fitting_chunk():
@@ -253,3 +271,15 @@ def test_interleaved_timing_covers_every_point(tmp_path):
     assert [r["status"] for r in results] == ["ok"] * 3
     assert [len(r["cpu_s_all"]) for r in results] == [2, 2, 4]  # rounds, SpaCO x draws
     assert results[2]["replayed_mean"] <= 4
+
+
+def test_markdown_table_shows_host_memory_of_offload_points():
+    common = dict(seq_len=4096, weights="full", device="cpu", status="ok", chunk_size=512, method="seco")
+    rows = [
+        dict(common, label="seco[512]", s_per_step=2.0, cpu_s_per_step=2.0, cpu_s_mean=2.0, peak_mib=400.0),
+        dict(common, label="seco[512,offload]", kv_offload=True, cpu_s_per_step=2.5, cpu_s_mean=2.5, peak_mib=500.0,
+             host_mib=300.0, s_per_step=2.5),
+    ]  # fmt: skip
+    lines = markdown_table(rows, "seco").splitlines()
+    assert "host MiB" in lines[0]
+    assert lines[3].split(" | ")[5:8] == ["500", "300", "1.25"]  # peak, host, time x seco (offload-free row)

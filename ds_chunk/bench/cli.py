@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss-chunk-sizes", type=_optional_int, nargs="+", default=[None],
                    help="LM head + CE sub-chunk sizes for seco/spaco, 'none' = whole chunk")  # fmt: skip
     p.add_argument("--report-loss", type=_bool, nargs="+", default=[True], help="spaco report_loss: true false")
+    p.add_argument("--kv-offload", type=_bool, nargs="+", default=[False], help="seco/spaco kv_offload: true false")
     p.add_argument("--weights", nargs="+", choices=["full", "qlora"], default=["full"], help="qlora: NF4 + LoRA")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--model", default=None, help="config.json (random init), local path or hub id")

@@ -115,25 +115,26 @@ def _limit_cuda(point: Point) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, point.mem_limit_gb * 2**30 / total))
 
 
-def _memory_steps(point: Point, model, step, meter) -> tuple[list[int], list[int]]:
+def _memory_steps(point: Point, model, step, meter) -> tuple[list[int], list[int], list[int]]:
     """Peak minus the level right before, per step.
 
     One step for the deterministic methods; SpaCO's peak depends on the draw (whether the
     last chunks are replayed), so it gets up to 5 steps, the same draws as the timed steps.
     """
     count = min(point.repeats, 5) if parse_method(point.method) is not None else 1
-    increases, peaks = [], []
+    increases, peaks, hosts = [], [], []
     for _ in range(count):
         _clear(model)
         before = meter.rss()
         meter.start()
-        step()
+        out = step()
         peak = meter.peak()
+        hosts.append(out.host_peak_bytes if out is not None else 0)
         if point.mem_limit_gb is not None and peak > point.mem_limit_gb * 2**30:
             raise LimitExceeded(f"peak {peak / 2**30:.2f} GiB > --mem-limit-gb {point.mem_limit_gb}")
         increases.append(peak - before)
         peaks.append(peak)
-    return increases, peaks
+    return increases, peaks, hosts
 
 
 class StepTimes:
@@ -150,7 +151,7 @@ class StepTimes:
         self.walls.append(wall)
         self.cpus.append(cpu)
         if out is not None:
-            self.replayed.append(out)
+            self.replayed.append(len(out.replayed))
 
     def summary(self) -> dict:
         """Median, mean and all step times (wall and CPU); mean chunks replayed."""
@@ -222,8 +223,10 @@ def measure(point: Point, mode: str = "both") -> dict:
     if mode in ("time", "both"):
         result.update(_timed_steps(point, model, step))
     if mode in ("memory", "both"):
-        increases, peaks = _memory_steps(point, model, step, meter)
+        increases, peaks, hosts = _memory_steps(point, model, step, meter)
         result.update(peak_mib=max(increases) / MIB, peak_abs_mib=max(peaks) / MIB)
+        if point.kv_offload:  # what of the peak the offloaded KV cache held in host memory
+            result["host_mib"] = max(hosts) / MIB
     return result
 
 

@@ -31,6 +31,7 @@ class Point:
     chunk_size: int = 512
     loss_chunk_size: int | None = None
     report_loss: bool = True
+    kv_offload: bool = False
     weights: str = "full"  # full | qlora
     model: str | None = None  # None: DEFAULT_MODEL; a config.json (random init); a local path or hub id
     device: str = "cpu"
@@ -56,6 +57,8 @@ class Point:
                 opts.append(f"loss{self.loss_chunk_size}")
             if self.method.startswith("spaco@") and not self.report_loss:
                 opts.append("no-loss")
+            if self.kv_offload:
+                opts.append("offload")
             name += "[" + ",".join(opts) + "]"
         return name + (" +qlora" if self.weights == "qlora" else "")
 
@@ -125,7 +128,8 @@ def build_model(point: Point):
 
 
 def make_step(point: Point, model):
-    """A function running one forward + backward of ``point``; returns chunks replayed (or None)."""
+    """A function running one forward + backward of ``point``; returns the scheduler's
+    ``ChunkResult`` (None for plain and ckpt)."""
     import torch
 
     g = torch.Generator().manual_seed(point.seed)
@@ -139,9 +143,9 @@ def make_step(point: Point, model):
         return step
     from ds_chunk.scheduler import ChunkScheduler
 
-    config = {"chunk_size": point.chunk_size, "loss_chunk_size": point.loss_chunk_size}
+    config = {"chunk_size": point.chunk_size, "loss_chunk_size": point.loss_chunk_size, "kv_offload": point.kv_offload}
     rate = parse_method(point.method)
     if rate is not None:
         config["sparse"] = {"rate": rate, "report_loss": point.report_loss}
     scheduler = ChunkScheduler(config)
-    return lambda: len(scheduler.backward(model, ids).replayed)
+    return lambda: scheduler.backward(model, ids)

@@ -13,7 +13,7 @@ CSV_FIELDS = [
     "label", "method", "seq_len", "chunk_size", "loss_chunk_size", "report_loss", "weights", "model", "device",
     "dtype", "batch", "lora_rank", "threads", "repeats", "status", "s_per_step", "s_mean", "s_all",
     "cpu_s_per_step", "cpu_s_mean", "cpu_s_all", "warmup_s", "peak_mib", "peak_abs_mib", "loaded_mib",
-    "replayed_mean", "wall_s", "error",
+    "replayed_mean", "wall_s", "error", "kv_offload", "host_mib",
 ]  # fmt: skip
 
 
@@ -30,7 +30,7 @@ def _reference(row: dict, rows: list[dict], ref: str | None) -> dict | None:
     for other in rows:
         same = other["seq_len"] == row["seq_len"] and other["weights"] == row["weights"]
         if other["method"] == ref and same and other["status"] == "ok":
-            if ref in ("plain", "ckpt") or other["chunk_size"] == row["chunk_size"]:
+            if ref in ("plain", "ckpt") or (other["chunk_size"] == row["chunk_size"] and not other.get("kv_offload")):
                 return other
     return None
 
@@ -49,18 +49,20 @@ def markdown_table(rows: list[dict], ref: str | None) -> str:
     Time ratios use CPU seconds on CPU (wall on CUDA), median and mean: SpaCO's step time
     depends on its random draw, and the mean is what sets its throughput.
     """
-    head = ["method", "T", "wall s/step", "CPU s/step", "CPU s/step mean", "peak MiB", f"time x {ref}"]
-    head += [f"time x {ref} (mean)", f"mem x {ref}", "replayed"]
+    host = any(row.get("host_mib") for row in rows)  # kv_offload points: the part in host memory
+    head = ["method", "T", "wall s/step", "CPU s/step", "CPU s/step mean", "peak MiB"] + ["host MiB"] * host
+    head += [f"time x {ref}", f"time x {ref} (mean)", f"mem x {ref}", "replayed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["label"], str(row["seq_len"])]
         if row["status"] != "ok":
-            cells += [row["status"]] * 4 + [""] * 4
+            cells += [row["status"]] * 4 + [""] * (4 + host)
         else:
             base = _reference(row, rows, ref)
             median, mean = time_keys(row)
             cells += [_fmt(row.get(k), 2) for k in ("s_per_step", "cpu_s_per_step", "cpu_s_mean")]
-            cells += [_fmt(row.get("peak_mib"), 0), _ratio(row, base, median), _ratio(row, base, mean)]
+            cells += [_fmt(row.get("peak_mib"), 0)] + [_fmt(row.get("host_mib"), 0)] * host
+            cells += [_ratio(row, base, median), _ratio(row, base, mean)]
             cells += [_ratio(row, base, "peak_mib", 3), _replayed(row)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -141,6 +143,7 @@ def read_csv(path: Path) -> list[dict]:
         "loaded_mib",
         "replayed_mean",
         "wall_s",
+        "host_mib",
     )
     rows = []
     with open(path) as f:
@@ -149,6 +152,7 @@ def read_csv(path: Path) -> list[dict]:
             row.update({k: int(row[k]) for k in ints if row.get(k) is not None})
             row.update({k: float(row[k]) for k in floats if row.get(k) is not None})
             row["report_loss"] = row.get("report_loss") != "False"
+            row["kv_offload"] = row.get("kv_offload") == "True"
             rows.append(row)
     return rows
 

@@ -117,7 +117,7 @@ def run_point(point: Point, cpus: str | None, timeout: float = 3600.0, what: str
     timing = spawn("time")
     if timing["status"] != "ok" or what == "time":
         return timing
-    return {**timing, **{k: memory[k] for k in ("peak_mib", "peak_abs_mib", "loaded_mib")}}
+    return {**timing, **{k: memory[k] for k in ("peak_mib", "peak_abs_mib", "loaded_mib", "host_mib") if k in memory}}
 
 
 def run_interleaved(points: list[Point], cpus: str | None, timeout: float, draws: int = 1) -> list[dict]:
@@ -140,9 +140,10 @@ def expand(args: argparse.Namespace) -> list[Point]:
             args.chunk_sizes if chunked else args.chunk_sizes[:1],
             args.loss_chunk_sizes if chunked else [None],
             args.report_loss if rate is not None else [True],
+            args.kv_offload if chunked else [False],
         )
-        for chunk, loss_chunk, report in variants:
-            points.append(Point(method, seq_len, chunk, loss_chunk, report, weights, **common))
+        for chunk, loss_chunk, report, offload in variants:
+            points.append(Point(method, seq_len, chunk, loss_chunk, report, offload, weights, **common))
     return points
 
 

@@ -192,18 +192,48 @@ def _bool_mask(setup: Setup, prefix: int, size: int) -> float:
 
 def _offloaded_moment(shape: ModelShape, setup: Setup, start: int, size: int, grads_done: bool) -> dict[str, float]:
     """kv_offload: the leaves and their grads live on the host, and so does everything a
-    replay saves for backward (the scheduler packs saved tensors with save_on_cpu). The
-    device keeps parameter grads and one layer's working set: in its backward, its K/V
-    cat(prefix, chunk) brought back and its gradient; or, at the CE backward, the loss's
-    [s, V] tensors. Not checked by measurement (on a CPU the offload is a no-op).
+    replay saves for backward (``offload.SaveOnHost``). The device keeps parameter grads and
+    one layer's working set: in its backward, its K/V cat(prefix, chunk) brought back and its
+    gradient, and the next layer's prefix fetched ahead; or, at the CE backward, the loss's
+    [s, V] tensors. Not checked by measurement (on a CPU, device and host are one RSS).
     """
     layer = size * setup.batch * layer_activation_bytes(shape, setup)
+    ahead = start * setup.batch * kv_token_bytes(shape, setup) / shape.layers
     return {
         "gradients": gradient_bytes(shape, setup) if grads_done else 0.0,
-        "attention_kv": 2 * _attention_bytes(shape, setup, start, size) + _bool_mask(setup, start, size),
+        "attention_kv": 2 * _attention_bytes(shape, setup, start, size) + _bool_mask(setup, start, size) + ahead,
         "activations": layer,
         "logits": logits_bytes(shape, setup, size),
     }
+
+
+def offloaded_host(shape: ModelShape, setup: Setup) -> float:
+    """kv_offload: host memory at its peak (leaves, their grads, saved tensors), the larger
+    of the first two replays.
+
+    First (the last chunk, prefix P): the leaves of P are there; its backward runs layer by
+    layer from the last, each freeing its saved tensors as its share of P's gradient
+    arrives: leaves + max(all saved, all of P's gradient). Second (prefix P2 = P - C): P2's
+    leaves and gradient, the gradient carried into the chunk, and what this replay saves.
+    """
+    starts = list(range(0, setup.seq_len, setup.chunk_size))
+    sizes = [min(setup.chunk_size, setup.seq_len - s) for s in starts]
+    kv = kv_token_bytes(shape, setup) * setup.batch
+    share = 1.0 if setup.method == "seco" else setup.sparse_rate
+    first = starts[-1] * kv + max(_saved(shape, setup, starts[-1], sizes[-1]), share * starts[-1] * kv)
+    if len(starts) == 1:
+        return first
+    second = (1 + share) * starts[-2] * kv + sizes[-2] * kv + _saved(shape, setup, starts[-2], sizes[-2])
+    return max(first, second)
+
+
+def _saved(shape: ModelShape, setup: Setup, prefix: int, size: int) -> float:
+    """What one chunk's replay saves for backward: every layer's attention K/V, mask and
+    activations, and the loss's log-softmax [C, V] float32 unless loss sub-chunks are
+    recomputed (checkpointed)."""
+    loss = 0 if setup.loss_chunk_size and setup.loss_chunk_size < size else size * shape.vocab * max(4, setup.bytes)
+    acts = size * setup.batch * _token_bytes(shape, setup)
+    return shape.layers * _attention_bytes(shape, setup, prefix, size) + acts + setup.batch * loss
 
 
 def chunked_step(shape: ModelShape, setup: Setup) -> dict[str, float]:

@@ -7,7 +7,7 @@ import dataclasses
 from ds_chunk.plan.memory import (
     chunked_step,
     ckpt_step,
-    kv_token_bytes,
+    offloaded_host,
     optimizer_bytes,
     plain_step,
     trainable_params,
@@ -64,7 +64,7 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     if setup.offload_optimizer:
         host["optimizer"], persistent["optimizer"] = optimizer, 0.0
     if setup.kv_offload and setup.chunked:
-        host["kv_leaves_and_grads"] = 2 * setup.seq_len * setup.batch * kv_token_bytes(shape, setup)
+        host["kv_cache_and_saved"] = offloaded_host(shape, setup)
     return Estimate(setup, persistent, step, host)
 
 
