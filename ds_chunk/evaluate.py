@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ds_chunk.adapter import cache_kwarg, no_cpu_inference_packing, unwrap
+from ds_chunk.attention import chunk_attention
 from ds_chunk.chunking import IGNORE_INDEX, chunk_bounds, prepare_labels
 from ds_chunk.kv import ChunkCache, KVStore
 
@@ -49,26 +50,28 @@ def _accumulate(hf: nn.Module, batch: dict, chunk_size: int, totals: dict) -> No
     decoder, lm_head = hf.get_decoder(), hf.get_output_embeddings()
     store, key = KVStore(hf.config.get_text_config().num_hidden_layers), cache_kwarg(decoder)
     row_wrong = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-    for c, (s, e) in enumerate(chunk_bounds(ids.shape[1], chunk_size)):
-        hidden = decoder(
-            input_ids=ids[:, s:e],
-            attention_mask=None if mask is None else mask[:, :e],
-            position_ids=torch.arange(s, e, device=device).unsqueeze(0),
-            use_cache=True,
-            **{key: ChunkCache(store, c, record=True, device=device)},
-        )[0]
-        t = target[:, s:e]
-        keep = t != IGNORE_INDEX
-        if not keep.any():
-            continue
-        logits = lm_head(hidden[keep]).float()  # only supervised positions: [n, V]
-        totals["nll"] += float(torch.nn.functional.cross_entropy(logits, t[keep], reduction="sum"))
-        hit = logits.argmax(-1) == t[keep]
-        totals["tokens"] += int(keep.sum())
-        totals["correct"] += int(hit.sum())
-        wrong = torch.zeros_like(keep)
-        wrong[keep] = ~hit
-        row_wrong |= wrong.any(1)
+    padded = mask is not None and not bool(mask.all())
+    with chunk_attention(hf, padded, device):
+        for c, (s, e) in enumerate(chunk_bounds(ids.shape[1], chunk_size)):
+            hidden = decoder(
+                input_ids=ids[:, s:e],
+                attention_mask=None if mask is None else mask[:, :e],
+                position_ids=torch.arange(s, e, device=device).unsqueeze(0),
+                use_cache=True,
+                **{key: ChunkCache(store, c, record=True, device=device)},
+            )[0]
+            t = target[:, s:e]
+            keep = t != IGNORE_INDEX
+            if not keep.any():
+                continue
+            logits = lm_head(hidden[keep]).float()  # only supervised positions: [n, V]
+            totals["nll"] += float(torch.nn.functional.cross_entropy(logits, t[keep], reduction="sum"))
+            hit = logits.argmax(-1) == t[keep]
+            totals["tokens"] += int(keep.sum())
+            totals["correct"] += int(hit.sum())
+            wrong = torch.zeros_like(keep)
+            wrong[keep] = ~hit
+            row_wrong |= wrong.any(1)
     has = (target != IGNORE_INDEX).any(1)
     totals["rows"] += int(has.sum())
     totals["rows_correct"] += int((has & ~row_wrong).sum())

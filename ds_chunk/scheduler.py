@@ -28,6 +28,7 @@ from ds_chunk.adapter import (
     no_cpu_inference_packing,
     unwrap,
 )
+from ds_chunk.attention import chunk_attention
 from ds_chunk.chunking import IGNORE_INDEX, check_inputs, chunk_bounds, prepare_labels
 from ds_chunk.config import ChunkwiseConfig
 from ds_chunk.kv import ChunkCache, KVStore
@@ -129,7 +130,7 @@ class ChunkScheduler:
 
         run = _ChunkRun(hf, self.config, input_ids, target, attention_mask, bounds, n, forward_fn)
         report = self.sampler is None or self.sampler.config.report_loss
-        with no_cpu_inference_packing(hf):
+        with no_cpu_inference_packing(hf), chunk_attention(hf, attention_mask is not None, input_ids.device):
             loss = run.forward_pass(weights, report and self.sampler is not None, has_loss)
             loss += run.replay(weights, backward_fn or self.backward_fn, boundary)
         if not report:

@@ -136,22 +136,26 @@ def test_lora_keeps_fewer_activations_by_hand():
     assert bf16 == upcasts + lora_inputs + sdpa + 2 * 2 * 256 + mlp + 2 * 8 * 4  # + 2 residual sums, lora_A outs
 
 
-def test_gqa_repeat_and_kv_offload():
-    """Llama-3-8B, bf16, T=16384, chunk 512: HF repeats K/V 4x for SDPA with a mask."""
+def test_gqa_attention_masked_flash_and_kv_offload():
+    """Llama-3-8B, bf16, T=16384, chunk 512. HF's masked sdpa repeats K/V 4x for SDPA and
+    saves a float mask per layer; flash attention (the default for bf16) saves neither."""
     shape = ModelShape.from_config(LLAMA3_8B)
-    on = estimate(shape, Setup(seq_len=16384, chunk_size=512, quant="4bit", lora_rank=8)).step
+    qlora = dict(seq_len=16384, chunk_size=512, quant="4bit", lora_rank=8)
     prefix, chunk = 16384 - 1024, 512  # the replay of the second-to-last chunk
+    masked = estimate(shape, Setup(**qlora, attention="masked")).step
     copies = 32 * (prefix + chunk) * 2 * 32 * 128 * 2  # layers x tokens x (K, V) x 32 heads x d x 2 B
-    assert on["attention_kv"] == copies + (32 * 2 + 1) * chunk * (prefix + chunk)
-    assert on["kv_leaves"] == prefix * 32 * 2 * 8 * 128 * 2
-    off = estimate(shape, Setup(seq_len=16384, chunk_size=512, quant="4bit", lora_rank=8, kv_offload=True)).step
+    assert masked["attention_kv"] == copies + (32 * 2 + 1) * chunk * (prefix + chunk)
+    assert masked["kv_leaves"] == prefix * 32 * 2 * 8 * 128 * 2
+    flash = estimate(shape, Setup(**qlora)).step
+    assert flash["attention_kv"] == copies / 4  # 8 KV heads, no mask
+    off = estimate(shape, Setup(**qlora, kv_offload=True)).step
     # Leaves, grads and all saved tensors on the host; the device holds one layer's working set.
-    # The last chunk's replay peaks (512 more prefix tokens; LoRA's grads are tiny): its K/V
-    # cat(prefix, chunk) and their gradient, with the float mask, + the bool mask once, + the
-    # next layer's prefix fetched ahead (8 KV heads).
-    one_layer = 16384 * 2 * 32 * 128 * 2 + 2 * 512 * 16384
-    ahead = (16384 - 512) * 2 * 8 * 128 * 2
-    assert "kv_leaves" not in off and off["attention_kv"] == 2 * one_layer + 512 * 16384 + ahead
+    # The second-to-last chunk's replay peaks (LoRA's grads exist by then): its K/V
+    # cat(prefix, chunk) and their gradient, + the next layer's prefix fetched ahead.
+    one_layer = (prefix + chunk) * 2 * 8 * 128 * 2
+    ahead = prefix * 2 * 8 * 128 * 2
+    assert "kv_leaves" not in off and off["attention_kv"] == 2 * one_layer + ahead
+    assert off["gradients"] > 0
     # one layer's activations, bf16 QLoRA (q, v): norm input copies, LoRA input copies,
     # SDPA q, k, v, out + logsumexp, 2 residuals, gate/SiLU/up, lora_A outputs
     layer = 2 * 4 * 4096 + 2 * 4 * 4096 + 2 * (4096 + 1024 + 1024 + 4096) + 4 * 32 + 2 * 2 * 4096 + 3 * 2 * 14336 + 64

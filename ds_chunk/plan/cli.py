@@ -27,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss-chunk-size", type=int)
     p.add_argument("--spaco-rate", type=float, help="SpaCO replay probability (implies --method spaco)")
     p.add_argument("--kv-offload", action="store_true")
+    p.add_argument("--attention", choices=["auto", "flash", "masked"], default="auto",
+                   help="flash (CUDA, 16-bit, no padding) or HF's masked sdpa; auto: by dtype")  # fmt: skip
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=list(DTYPE_BYTES), default="bfloat16")
     p.add_argument("--quant", choices=["none", "8bit", "4bit"], default="none")
@@ -51,6 +53,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         loss_chunk_size=args.loss_chunk_size,
         sparse_rate=args.spaco_rate,
         kv_offload=args.kv_offload,
+        attention=args.attention,
         batch=args.batch,
         dtype=args.dtype,
         quant=args.quant,

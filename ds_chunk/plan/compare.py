@@ -20,6 +20,8 @@ def setup_from_bench_row(row: dict) -> Setup:
         chunk_size=int(row["chunk_size"]),
         loss_chunk_size=int(row["loss_chunk_size"]) if row.get("loss_chunk_size") else None,
         sparse_rate=rate,
+        # the scheduler switches to flash attention on CUDA only (and 16-bit: see ds_chunk.attention)
+        attention="auto" if row.get("device") == "cuda" else "masked",
         batch=int(row["batch"]),
         dtype=row["dtype"],
         quant="4bit" if qlora else "none",

@@ -167,7 +167,8 @@ def _replay_moment(shape: ModelShape, setup: Setup, start: int, size: int, grads
         # the prefix leaves' .grad + the gradient carried into m_c
         "kv_grads": (prefix * share + size) * kv if grads_done else 0.0,
         # cat(prefix, chunk) K and V and a float mask saved by SDPA in every layer, + the bool mask
-        "attention_kv": shape.layers * _attention_bytes(shape, setup, prefix, size) + _bool_mask(setup, prefix, size),
+        "attention_kv": shape.layers * _attention_bytes(shape, setup, prefix, size)
+        + _bool_mask(shape, setup, prefix, size),
         "activations": size * batch * _token_bytes(shape, setup),
         "logits": logits_bytes(shape, setup, size),
     }
@@ -175,19 +176,30 @@ def _replay_moment(shape: ModelShape, setup: Setup, start: int, size: int, grads
 
 def _attention_bytes(shape: ModelShape, setup: Setup, prefix: int, size: int) -> float:
     """What one layer's attention keeps for a chunk: cat(prefix, chunk) K and V
-    [B, heads, prefix + size, d], repeated over the query heads when there is a prefix
-    (SDPA then gets a mask, and HF repeats K/V for GQA), and the float copy SDPA makes of
-    the bool mask [B, 1, size, prefix + size] in every layer.
+    [B, heads, prefix + size, d]. Masked attention (not flash): repeated over the query
+    heads when there is a prefix (SDPA then gets a mask, and HF repeats K/V for GQA), and
+    the float copy SDPA makes of the bool mask [B, 1, size, prefix + size] in every layer.
     """
+    if uses_flash(shape, setup):
+        return setup.batch * (prefix + size) * 2 * shape.kv_heads * shape.head_dim * setup.bytes
     heads = shape.heads if prefix and shape.heads > shape.kv_heads else shape.kv_heads
     kv = (prefix + size) * 2 * heads * shape.head_dim * setup.bytes
     mask = setup.bytes * size * (prefix + size) if prefix else 0
     return setup.batch * (kv + mask)
 
 
-def _bool_mask(setup: Setup, prefix: int, size: int) -> float:
-    """The bool attention mask [B, 1, size, prefix + size] HF builds once per chunk (none without a prefix)."""
-    return setup.batch * size * (prefix + size) if prefix else 0.0
+def _bool_mask(shape: ModelShape, setup: Setup, prefix: int, size: int) -> float:
+    """The bool attention mask [B, 1, size, prefix + size] HF builds once per chunk (none
+    without a prefix, or with flash attention)."""
+    return setup.batch * size * (prefix + size) if prefix and not uses_flash(shape, setup) else 0.0
+
+
+def uses_flash(shape: ModelShape, setup: Setup) -> bool:
+    """Whether a chunk's attention runs as flash attention (``ds_chunk.attention``): 16-bit
+    and head_dim <= 256 under "auto" (what torch's flash kernel takes)."""
+    if setup.attention != "auto":
+        return setup.attention == "flash"
+    return setup.bytes == 2 and shape.head_dim <= 256
 
 
 def _offloaded_moment(shape: ModelShape, setup: Setup, start: int, size: int, grads_done: bool) -> dict[str, float]:
@@ -201,7 +213,7 @@ def _offloaded_moment(shape: ModelShape, setup: Setup, start: int, size: int, gr
     ahead = start * setup.batch * kv_token_bytes(shape, setup) / shape.layers
     return {
         "gradients": gradient_bytes(shape, setup) if grads_done else 0.0,
-        "attention_kv": 2 * _attention_bytes(shape, setup, start, size) + _bool_mask(setup, start, size) + ahead,
+        "attention_kv": 2 * _attention_bytes(shape, setup, start, size) + _bool_mask(shape, setup, start, size) + ahead,
         "activations": layer,
         "logits": logits_bytes(shape, setup, size),
     }

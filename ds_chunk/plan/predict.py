@@ -75,6 +75,8 @@ def _validate(setup: Setup) -> None:
         raise ValueError("spaco needs sparse_rate in (0, 1]")
     if setup.dtype not in DTYPE_BYTES or setup.quant not in ("none", "8bit", "4bit"):
         raise ValueError(f"dtype {setup.dtype!r} / quant {setup.quant!r}: see --help for the choices")
+    if setup.attention not in ("auto", "flash", "masked"):
+        raise ValueError(f"attention {setup.attention!r}: expected auto, flash or masked")
     if setup.quant != "none" and setup.lora_rank == 0:
         raise ValueError("quantized base weights cannot be trained: set lora_rank > 0")
 

@@ -99,6 +99,10 @@ class Setup:
     loss_chunk_size: int | None = None
     sparse_rate: float | None = None  # spaco: replay probability
     kv_offload: bool = False
+    # chunk attention: "flash" (CUDA, 16-bit, no padding: ds_chunk.attention, no mask and
+    # K/V not repeated), "masked" (HF's sdpa: a mask, K/V repeated for GQA); "auto": flash
+    # for 16-bit dtypes
+    attention: str = "auto"
     batch: int = 1
     dtype: str = "bfloat16"  # parameters and activations
     quant: str = "none"  # none | 8bit | 4bit (base linear weights, bitsandbytes)
