@@ -14,6 +14,7 @@ the bf16 model (16 GB) never exists at once.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -66,11 +67,11 @@ def build_qlora(shape: dict, device: torch.device) -> nn.Module:
     return get_peft_model(model, lora).train()
 
 
-def try_step(model, opt, seq_len: int, chunk: int, offload: bool, device: torch.device) -> dict | None:
+def try_step(model, opt, seq_len: int, args, offload: bool, device: torch.device) -> dict | None:
     """One training step at ``seq_len``; None if it ran out of memory."""
     from ds_chunk import ChunkScheduler
 
-    sched = ChunkScheduler({"chunk_size": chunk, "loss_chunk_size": chunk, "kv_offload": offload})
+    sched = ChunkScheduler({"chunk_size": args.chunk, "loss_chunk_size": args.loss_chunk, "kv_offload": offload})
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device)
     try:
         if device.type == "cuda":
@@ -93,16 +94,34 @@ def try_step(model, opt, seq_len: int, chunk: int, offload: bool, device: torch.
             torch.cuda.empty_cache()
 
 
-def sweep(model, opt, args, offload: bool) -> list[dict]:
-    rows, seq_len = [], args.start
+def predicted_host_gib(shape: dict, seq_len: int, args) -> float:
+    """ds_chunk.plan's host memory for the offloaded KV cache and saved tensors at ``seq_len``."""
+    from ds_chunk.plan import ModelShape, Setup, estimate
+
+    setup = Setup(seq_len=seq_len, chunk_size=args.chunk, loss_chunk_size=args.loss_chunk, kv_offload=True,
+                  quant="4bit", lora_rank=8)  # fmt: skip
+    return sum(estimate(ModelShape.from_config(shape), setup).host.values()) / 2**30
+
+
+def sweep(model, opt, args, offload: bool, shape: dict, deadline: float) -> list[dict]:
+    """Double the length until a step runs out of memory, or the next one would pass the
+    deadline (a doubling costs ~3-4x: attention is quadratic) or the free host memory."""
+    rows, seq_len, last = [], args.start, 0.0
     while seq_len <= args.max:
-        result = try_step(model, opt, seq_len, args.chunk, offload, torch.device(args.device))
-        host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        rows.append({"kv_offload": offload, "tokens": seq_len, "host_rss_gib": host} | (result or {"oom": True}))
+        row = {"kv_offload": offload, "tokens": seq_len}
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+        if time.monotonic() + 4 * last > deadline:
+            rows.append(row | {"skipped": "time budget"})
+        elif offload and predicted_host_gib(shape, seq_len, args) > 0.9 * free:
+            rows.append(row | {"skipped": f"host memory (predicted > 90% of {free:.0f} GiB free)"})
+        else:
+            result = try_step(model, opt, seq_len, args, offload, torch.device(args.device))
+            host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            rows.append(row | {"host_rss_gib": host} | (result or {"oom": True}))
         print(rows[-1], flush=True)
-        if result is None:
+        if "seconds" not in rows[-1]:
             break
-        seq_len *= 2
+        last, seq_len = rows[-1]["seconds"], seq_len * 2
     return rows
 
 
@@ -113,6 +132,8 @@ def main() -> None:
     p.add_argument("--start", type=int, default=16384)
     p.add_argument("--max", type=int, default=262144)
     p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--loss-chunk", type=int, default=256, help="chunkwise.loss_chunk_size")
+    p.add_argument("--time-budget-s", type=float, default=480.0, help="stop doubling past this (both sweeps)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model of the same kind (smoke test)")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -120,21 +141,27 @@ def main() -> None:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gib * 2**30 / total), device)
     torch.manual_seed(0)
-    model = build_qlora(TINY if args.tiny else LLAMA3_8B, device)
+    from ds_chunk.attention import flash_eligible
+
+    start, shape = time.monotonic(), TINY if args.tiny else LLAMA3_8B
+    model = build_qlora(shape, device)
+    print(f"chunk attention: {'flash, no mask' if flash_eligible(model, device) else 'HF sdpa with a mask'}")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    rows = sweep(model, opt, args, offload=False) + sweep(model, opt, args, offload=True)
+    half = start + args.time_budget_s / 2  # without offload first: it stops early, leaving time to the other
+    rows = sweep(model, opt, args, False, shape, half)
+    rows += sweep(model, opt, args, True, shape, start + args.time_budget_s)
     print("\n| kv_offload | longest tokens that train | s/step there | peak device GiB | KV host GiB | host RSS GiB |")
     print("|---|---|---|---|---|---|")
     for offload in (False, True):
-        ok = [r for r in rows if r["kv_offload"] == offload and "oom" not in r]
+        ok = [r for r in rows if r["kv_offload"] == offload and "seconds" in r]
         nan = float("nan")
         best = ok[-1] if ok else {"tokens": 0, "seconds": nan, "device_gib": nan, "kv_host_gib": nan}
-        host = rows[-1]["host_rss_gib"]
+        host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         cells = f"{best['seconds']:.2f} | {best['device_gib']:.2f} | {best['kv_host_gib']:.2f} | {host:.1f}"
         print(f"| {offload} | {best['tokens']} | {cells} |")
-    same = {r["tokens"]: r for r in rows if "oom" not in r and not r["kv_offload"]}
+    same = {r["tokens"]: r for r in rows if "seconds" in r and not r["kv_offload"]}
     for r in rows:
-        if r["kv_offload"] and "oom" not in r and r["tokens"] in same:
+        if r["kv_offload"] and "seconds" in r and r["tokens"] in same:
             print(f"offload slowdown at {r['tokens']} tokens: {r['seconds'] / same[r['tokens']]['seconds']:.2f}x")
 
 
