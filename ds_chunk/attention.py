@@ -49,9 +49,12 @@ def chunk_sdpa(module: nn.Module, query, key, value, attention_mask, dropout=0.0
 
 
 def _flash_supports(query, key, value, dropout: float) -> bool:
+    """Whether torch's flash kernel takes these inputs, probed as ``CausalBias`` does for a
+    bottom-right mask: no mask and is_causal=False (torch refuses is_causal=True for fewer
+    queries than keys, though the flash op then aligns bottom-right), GQA on."""
     if not torch.backends.cuda.flash_sdp_enabled():
         return False
-    params = torch.backends.cuda.SDPAParams(query, key, value, None, dropout, True, True)
+    params = torch.backends.cuda.SDPAParams(query, key, value, None, dropout, False, True)
     return torch.backends.cuda.can_use_flash_attention(params, False)
 
 
@@ -63,8 +66,10 @@ def flash_eligible(model: nn.Module, device: torch.device) -> bool:
     heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # 4-bit weights are uint8
-    q = torch.zeros(1, heads, 8, head_dim, dtype=dtype, device=device)
-    k = torch.zeros(1, kv_heads, 16, head_dim, dtype=dtype, device=device)
+    # requires_grad: flash takes fewer shapes with grad; probing the replay's case keeps the
+    # no-grad pass and the replay on the same kernel
+    q = torch.zeros(1, heads, 8, head_dim, dtype=dtype, device=device, requires_grad=True)
+    k = torch.zeros(1, kv_heads, 16, head_dim, dtype=dtype, device=device, requires_grad=True)
     return _flash_supports(q, k, k, float(getattr(cfg, "attention_dropout", 0.0) or 0.0))
 
 
@@ -78,15 +83,20 @@ def _register() -> None:
 @contextlib.contextmanager
 def chunk_attention(model: nn.Module, padded: bool, device: torch.device) -> Iterator[bool]:
     """Use ``chunk_sdpa`` for ``model`` inside the block when it is exact and cheaper: an
-    sdpa model, no padding, flash attention supported. Yields whether it switched."""
-    cfg = getattr(model, "config", None)
-    use = cfg is not None and getattr(cfg, "_attn_implementation", None) == "sdpa" and not padded
+    sdpa model, no padding, flash attention supported. Yields whether it switched.
+
+    Only the decoder's own config is switched (its attention layers and mask creation
+    read it per call), without the setter's recursion into sub-configs.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    cfg = getattr(decoder, "config", None)
+    use = getattr(cfg, "_attn_implementation_internal", None) == "sdpa" and not padded
     if not (use and flash_eligible(model, device)):
         yield False
         return
     _register()
-    cfg._attn_implementation = NAME
+    cfg._attn_implementation_internal = NAME
     try:
         yield True
     finally:
-        cfg._attn_implementation = "sdpa"
+        cfg._attn_implementation_internal = "sdpa"

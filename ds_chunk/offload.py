@@ -7,7 +7,9 @@ set; what grows with the sequence lives in host memory:
   (``PrefixFetcher``);
 - what autograd saves during a chunk's replay (``SaveOnHost``), among it the joined
   prefix K/V that attention keeps for backward; each tensor comes back when backward
-  needs it.
+  needs it. Not what bypasses autograd's saved-tensor hooks: layers under gradient
+  checkpointing (their own hooks win; they keep only their inputs), bitsandbytes 8-bit
+  matmuls (their input stays in ``ctx``).
 ``HostMemory`` counts those bytes, so a run can report host memory beside device memory.
 
 On a CPU "device" every copy is still made (a clone), so the tests run this path and
@@ -16,6 +18,7 @@ the counts mean what they mean on a GPU.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -23,22 +26,29 @@ from torch import nn
 
 
 class HostMemory:
-    """Bytes ds_chunk holds in host memory: live now, and the peak since the last reset."""
+    """Bytes of the tensors ds_chunk holds in host memory: live now, and the peak.
+
+    Tensor bytes: torch's pinned-memory allocator rounds blocks up to a power of two and
+    caches freed ones, so the page-locked footprint can be larger (the process RSS shows it).
+    """
 
     def __init__(self):
         self.live = 0
         self.peak = 0
+        self._lock = threading.Lock()  # CUDA backward frees saved tensors on autograd's device thread
 
     def track(self, t: torch.Tensor) -> torch.Tensor:
         """Count ``t`` until it is freed; returns it."""
         n = t.nbytes
-        self.live += n
-        self.peak = max(self.peak, self.live)
+        with self._lock:
+            self.live += n
+            self.peak = max(self.peak, self.live)
         weakref.finalize(t, self._free, n)
         return t
 
     def _free(self, n: int) -> None:
-        self.live -= n
+        with self._lock:
+            self.live -= n
 
 
 def to_host(t: torch.Tensor, host: torch.device) -> torch.Tensor:
@@ -49,6 +59,30 @@ def to_host(t: torch.Tensor, host: torch.device) -> torch.Tensor:
         return t.clone()
     out = torch.empty(t.shape, dtype=t.dtype, device=host, pin_memory=t.is_cuda)
     return out.copy_(t, non_blocking=t.is_cuda)
+
+
+def _span_to_host(t: torch.Tensor, host: torch.device) -> tuple[torch.Tensor, tuple | None]:
+    """A host copy of the storage span ``t`` reads, and the (shape, stride) to view it again.
+
+    A saved view keeps its layout: an expanded tensor (a mask broadcast over the heads,
+    stride 0) is not materialised, and a kernel that saved a padded, sliced tensor gets its
+    aligned row stride back. Contiguous tensors, and views that read under half of their
+    span, are copied as they are (geometry None).
+    """
+    if t.is_contiguous() or t.numel() == 0:
+        return to_host(t, host), None
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    if span > 2 * t.numel():
+        return to_host(t, host), None
+    flat = t.as_strided((span,), (1,))  # from t's storage offset
+    return to_host(flat, host), (tuple(t.shape), tuple(t.stride()))
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse or wrapper tensors have no plain storage
+        return None
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -69,26 +103,28 @@ class SaveOnHost(torch.autograd.graph.saved_tensors_hooks):
 
     def __init__(self, model: nn.Module, host: torch.device, memory: HostMemory):
         tensors = [*model.parameters(), *model.buffers()]
-        weights = {t.untyped_storage().data_ptr() for t in tensors if t.device.type != "meta"}
-        copies: dict[int, tuple[weakref.ref, int, weakref.ref]] = {}  # id(t) -> (t, version, host copy)
+        weights = {_storage_ptr(t) for t in tensors if t.device.type != "meta"}
+        copies: dict[int, tuple] = {}  # id(t) -> (weakref to t, its version, weakref to host copy, geometry)
 
         def pack(t: torch.Tensor):
-            if t.untyped_storage().data_ptr() in weights:
+            ptr = _storage_ptr(t)
+            if ptr is None or ptr in weights:
                 return t
             known = copies.get(id(t))
             if known is not None and known[0]() is t and known[1] == t._version and known[2]() is not None:
-                return t.device, known[2]()  # the same tensor, unchanged since it was copied
-            saved = memory.track(to_host(t, host))
+                return t.device, known[2](), known[3]  # the same tensor, unchanged since it was copied
+            saved, geometry = _span_to_host(t, host)
             key = id(t)
             forget = lambda ref: copies.get(key, (None,))[0] is ref and copies.pop(key)  # noqa: E731
-            copies[key] = (weakref.ref(t, forget), t._version, weakref.ref(saved))
-            return t.device, saved
+            copies[key] = (weakref.ref(t, forget), t._version, weakref.ref(memory.track(saved)), geometry)
+            return t.device, saved, geometry
 
         def unpack(packed):
             if isinstance(packed, torch.Tensor):
                 return packed
-            device, saved = packed
-            return saved.to(device, non_blocking=True)
+            device, saved, geometry = packed
+            out = saved.to(device, non_blocking=True)
+            return out if geometry is None else out.as_strided(*geometry)
 
         super().__init__(pack, unpack)
 
@@ -100,7 +136,7 @@ class PrefixFetcher:
     CUDA on a side stream, so it overlaps layer l's attention and MLP; on a CPU device it
     is a clone made one layer early. A layer asked out of order (gradient checkpointing
     recomputes layers in backward, last first) is copied on the spot, with no prefetch.
-    Peak device cost: two layers' prefix K/V.
+    Peak device cost, at layer l's cat: its prefix pieces, their cat, layer l+1's pieces.
     """
 
     def __init__(self, store, chunk: int, stream):

@@ -156,6 +156,22 @@ class ChunkScheduler:
         return dict(sorted(keep.items()))
 
 
+class _CarriedGrad(torch.autograd.Function):
+    """<x, g> for a fresh K or V ``x`` and the gradient ``g`` collected on its leaf, so
+    backward hands ``x`` exactly ``g``. ``g`` is kept on ctx, not saved for backward: with
+    kv_offload it stays in host memory (saved-tensor hooks would copy it there again) and
+    reaches the device only when used."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        ctx.g = g
+        return (x * g.to(x.device, non_blocking=True)).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.g.to(grad.device, non_blocking=True), None
+
+
 class _ChunkRun:
     """The state of one scheduler call: the model's parts, the batch, the KV store."""
 
@@ -230,10 +246,9 @@ class _ChunkRun:
                 h, cache = self.hidden(c, record=False)
                 chunk = self.loss(c, h)
                 inject = sum(
-                    (fk * g[0].to(fk.device, non_blocking=True)).sum()
-                    + (fv * g[1].to(fv.device, non_blocking=True)).sum()
+                    _CarriedGrad.apply(fk, g[0]) + _CarriedGrad.apply(fv, g[1])
                     for (fk, fv), g in ((cache.fresh[i], g) for i, g in enumerate(carried) if g is not None)
-                )  # with kv_offload the collected gradient is in host memory
+                )
                 backward_fn(weights[c] * (chunk + inject), boundary and c == order[-1])
                 loss += chunk.detach().double().cpu()
         if not order and boundary:

@@ -93,3 +93,17 @@ def test_switched_attention_with_offload_and_checkpointing(monkeypatch):
     model.zero_grad()
     reference_loss(model, ids).backward()
     assert max_rel_err(chunked, grads(model)) < 1e-12
+
+
+def test_flash_probe_asks_what_causal_lower_right_runs(monkeypatch):
+    """The bottom-right causal flash call is probed without a mask and with is_causal=False
+    (torch refuses is_causal=True for fewer queries than keys), GQA on, with grad."""
+    asked = []
+    monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda: True)
+    monkeypatch.setattr(torch.backends.cuda, "can_use_flash_attention", lambda p, debug: asked.append(p) or True)
+    q = torch.zeros(1, 4, 8, 16, requires_grad=True)
+    k = torch.zeros(1, 2, 24, 16, requires_grad=True)
+    assert attention._flash_supports(q, k, k, 0.0)
+    (params,) = asked
+    assert params.attn_mask is None and not params.is_causal and params.enable_gqa
+    assert params.query.shape[2] < params.key.shape[2] and params.query.requires_grad

@@ -102,6 +102,34 @@ def test_save_on_host_copies_a_tensor_saved_twice_once():
     assert torch.allclose(x.grad, 2 * torch.exp(2 * x.detach()))
 
 
+def test_save_on_host_keeps_the_layout_of_views():
+    """A mask broadcast over heads (stride 0) from a padded, sliced buffer (row stride 16):
+    the host keeps the span it reads, and backward gets the same strides back."""
+    x = torch.randn(4, 5, 11, dtype=torch.float64, requires_grad=True)
+    mask = torch.randn(5, 16, dtype=torch.float64)[:, :11].expand(4, 5, 11)
+    memory = HostMemory()
+    with SaveOnHost(torch.nn.Module(), CPU, memory):
+        y = x * mask  # saves mask
+    saved = y.grad_fn._saved_other  # unpacked through the hook
+    assert saved.stride() == mask.stride() and torch.equal(saved, mask)
+    assert memory.live == (1 + 4 * 16 + 10) * 8  # the span, not 4 x 5 x 11 elements
+    y.sum().backward()
+    assert torch.equal(x.grad, mask)
+
+
+def test_carried_gradient_is_not_saved_again():
+    """The gradient collected on a leaf (host memory with kv_offload) is injected into the
+    fresh K/V without autograd saving a copy of it."""
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, dtype=torch.float64)
+    memory = HostMemory()
+    with SaveOnHost(torch.nn.Module(), CPU, memory):
+        out = scheduler._CarriedGrad.apply(x, g)
+    assert memory.live == 0 and torch.equal(out, (x * g).sum())
+    (3 * out).backward()
+    assert torch.equal(x.grad, 3 * g)
+
+
 def _filled_store(layers=3, chunks=3) -> KVStore:
     store = KVStore(layers, storage=CPU)
     for c in range(chunks):
