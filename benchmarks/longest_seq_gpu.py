@@ -21,18 +21,10 @@ import time
 import torch
 from torch import nn
 
-LLAMA3_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=1 << 20,
-    rope_theta=500000.0,
-)
+from ds_chunk.plan import LLAMA3_8B
+
 TINY = dict(LLAMA3_8B, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32)  # fmt: skip
 
 
 def build_qlora(shape: dict, device: torch.device) -> nn.Module:

@@ -58,7 +58,7 @@ def _accumulate(hf: nn.Module, batch: dict, chunk_size: int, totals: dict) -> No
                 attention_mask=None if mask is None else mask[:, :e],
                 position_ids=torch.arange(s, e, device=device).unsqueeze(0),
                 use_cache=True,
-                **{key: ChunkCache(store, c, record=True, device=device)},
+                **{key: ChunkCache(store, c, record=True)},
             )[0]
             t = target[:, s:e]
             keep = t != IGNORE_INDEX

@@ -26,11 +26,11 @@ from ds_chunk.offload import HostMemory, PrefixFetcher, to_host
 class KVStore:
     """keys[layer][chunk], values[layer][chunk]: the leaves m_chunk of every layer."""
 
-    def __init__(self, num_layers: int, storage: torch.device | None = None, memory: HostMemory | None = None):
+    def __init__(self, num_layers: int, storage: torch.device | None = None):
         self.keys: list[list[torch.Tensor | None]] = [[] for _ in range(num_layers)]
         self.values: list[list[torch.Tensor | None]] = [[] for _ in range(num_layers)]
         self.storage = storage
-        self.memory = memory if memory is not None else HostMemory()
+        self.memory = HostMemory()
         self.lengths: list[int] = []  # tokens per stored chunk
         self.copies = 0  # layer prefixes fetched from storage (kv_offload)
         self._stream = None  # CUDA side stream of the prefetches, made on first use
@@ -51,10 +51,8 @@ class KVStore:
     def prefix_len(self, chunk: int) -> int:
         return sum(self.lengths[:chunk])
 
-    def fetcher(self, chunk: int, device: torch.device) -> PrefixFetcher | None:
-        """The layer-by-layer fetcher of chunk's prefix from storage (None without kv_offload)."""
-        if self.storage is None or chunk == 0:
-            return None
+    def fetcher(self, chunk: int, device: torch.device) -> PrefixFetcher:
+        """The layer-by-layer fetcher of chunk's prefix from storage to ``device`` (kv_offload)."""
         if device.type == "cuda" and self._stream is None:
             self._stream = torch.cuda.Stream(device)
         return PrefixFetcher(self, chunk, self._stream if device.type == "cuda" else None)
@@ -102,12 +100,12 @@ class ChunkCache(Cache):
     pure function of the store, so the recompute reads the same prefix).
     """
 
-    def __init__(self, store: KVStore, chunk: int, record: bool, device: torch.device):
+    def __init__(self, store: KVStore, chunk: int, record: bool):
         super().__init__(layers=[DynamicLayer() for _ in range(store.num_layers)])
         self.store, self.chunk, self.record = store, chunk, record
         self.past = store.prefix_len(chunk)
         self.fresh: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.fetcher = store.fetcher(chunk, device)
+        self.fetcher: PrefixFetcher | None = None  # kv_offload: made at the first layer, kept for the recompute
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """cat(m_0..m_{chunk-1}, new K/V) of this layer, on the new K/V's device."""
@@ -117,9 +115,10 @@ class ChunkCache(Cache):
             self.fresh[layer_idx] = (key_states, value_states)
         if self.chunk == 0:
             return key_states, value_states
-        if self.fetcher is None:
+        if self.store.storage is None:
             ks, vs = self.store.prefix(layer_idx, self.chunk)
         else:
+            self.fetcher = self.fetcher or self.store.fetcher(self.chunk, key_states.device)
             ks, vs = self.fetcher.fetch(layer_idx, key_states.device)
         return torch.cat([*ks, key_states], dim=-2), torch.cat([*vs, value_states], dim=-2)
 

@@ -191,7 +191,7 @@ class _ChunkRun:
 
     def hidden(self, c: int, record: bool) -> tuple[torch.Tensor, ChunkCache]:
         s, e = self.bounds[c]
-        cache = ChunkCache(self.store, c, record, self.input_ids.device)
+        cache = ChunkCache(self.store, c, record)
         kwargs = {
             "input_ids": self.input_ids[:, s:e],
             "attention_mask": None if self.mask is None else self.mask[:, :e],

@@ -8,20 +8,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
-from ds_chunk.bench import Point, markdown_table, run_interleaved, run_point, sweep
-from ds_chunk.plan import GIB, MIB, ModelShape, Setup, estimate, layer_activation_bytes, recommend
+from ds_chunk.bench import DEFAULT_MODEL, Point, markdown_table, run_interleaved, run_point, sweep
+from ds_chunk.plan import GIB, LLAMA3_8B, MIB, ModelShape, Setup, estimate, layer_activation_bytes, recommend
 
 # The CPU benchmark model: Llama, 4 layers, hidden 256, 4 heads = 4 KV heads (d = 64),
-# intermediate 688, vocab 32000, untied.
-BENCH = dict(
-    vocab_size=32000,
-    hidden_size=256,
-    intermediate_size=688,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    tie_word_embeddings=False,
-)
+# intermediate 688, vocab 32000, untied (the hand counts below check that it still is).
+BENCH = DEFAULT_MODEL
 # Hand count: embed 32000*256 = 8,192,000, LM head the same; per layer q,k,v,o 4*256*256 =
 # 262,144, MLP 3*256*688 = 528,384, 2 norms 512 -> 791,040; x4 layers; final norm 256.
 BENCH_PARAMS = 2 * 8_192_000 + 4 * 791_040 + 256
@@ -32,18 +24,6 @@ assert BENCH_PARAMS == 19_548_416
 LAYER_BYTES = 4 * (2 * 2 * 256 + 5 * 256 + 256 + 4 * 688 + 256) + 4 * 4
 TOKEN_BYTES = 4 * LAYER_BYTES + 4 * 256 + 2 * 4 * 256
 assert (LAYER_BYTES, TOKEN_BYTES) == (22_288, 92_224)
-# Llama-3-8B's shape (GQA 32/8, vocab 128256).
-LLAMA3_8B = dict(
-    model_type="llama",
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    tie_word_embeddings=False,
-)
 
 
 @pytest.mark.parametrize(

@@ -37,12 +37,24 @@ from ds_chunk.plan.memory import (
     weight_bytes,
 )
 from ds_chunk.plan.predict import Estimate, Recommendation, chunk_candidates, estimate, plan, recommend
-from ds_chunk.plan.shape import ADAM_STATE_BYTES, DTYPE_BYTES, GIB, MASTER_BYTES, MIB, ModelShape, Setup
+from ds_chunk.plan.shape import (
+    ADAM_STATE_BYTES,
+    DTYPE_BYTES,
+    GIB,
+    LLAMA3_8B,
+    MASTER_BYTES,
+    MIB,
+    NAMED_SHAPES,
+    ModelShape,
+    Setup,
+)
 
 __all__ = [
     "ADAM_STATE_BYTES",
     "DTYPE_BYTES",
     "GIB",
+    "LLAMA3_8B",
+    "NAMED_SHAPES",
     "MASTER_BYTES",
     "MIB",
     "Estimate",

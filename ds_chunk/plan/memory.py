@@ -219,6 +219,12 @@ def _offloaded_moment(shape: ModelShape, setup: Setup, start: int, size: int, gr
     }
 
 
+def _chunks(setup: Setup) -> tuple[list[int], list[int]]:
+    """Start and length of every chunk (the last may be shorter)."""
+    starts = list(range(0, setup.seq_len, setup.chunk_size))
+    return starts, [min(setup.chunk_size, setup.seq_len - s) for s in starts]
+
+
 def offloaded_host(shape: ModelShape, setup: Setup) -> float:
     """kv_offload: host memory at its peak (leaves, their grads, saved tensors), the larger
     of the first two replays.
@@ -228,8 +234,7 @@ def offloaded_host(shape: ModelShape, setup: Setup) -> float:
     arrives: leaves + max(all saved, all of P's gradient). Second (prefix P2 = P - C): P2's
     leaves and gradient, the gradient carried into the chunk, and what this replay saves.
     """
-    starts = list(range(0, setup.seq_len, setup.chunk_size))
-    sizes = [min(setup.chunk_size, setup.seq_len - s) for s in starts]
+    starts, sizes = _chunks(setup)
     kv = kv_token_bytes(shape, setup) * setup.batch
     share = 1.0 if setup.method == "seco" else setup.sparse_rate
     first = starts[-1] * kv + max(_saved(shape, setup, starts[-1], sizes[-1]), share * starts[-1] * kv)
@@ -256,8 +261,7 @@ def chunked_step(shape: ModelShape, setup: Setup) -> dict[str, float]:
     and the no-grad pass holds only the leaves and one chunk without autograd.
     SpaCO: expected leaf gradients (rate x prefix), with both last chunks replayed.
     """
-    starts = list(range(0, setup.seq_len, setup.chunk_size))
-    sizes = [min(setup.chunk_size, setup.seq_len - s) for s in starts]
+    starts, sizes = _chunks(setup)
     moments = [_replay_moment(shape, setup, starts[-1], sizes[-1], grads_done=False)]
     if len(starts) > 1:
         moments.append(_replay_moment(shape, setup, starts[-2], sizes[-2], grads_done=True))

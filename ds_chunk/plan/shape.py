@@ -77,8 +77,29 @@ class ModelShape:
         return embed * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
 
 
+# Llama-3-8B's shape (GQA 32/8, vocab 128256), as transformers config kwargs: what the
+# planner and the GPU benchmark size; nothing is downloaded. ``--config llama-3-8b``.
+LLAMA3_8B = dict(
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    tie_word_embeddings=False,
+    max_position_embeddings=1 << 20,
+    rope_theta=500000.0,
+)
+NAMED_SHAPES = {"llama-3-8b": LLAMA3_8B}
+
+
 def _load_config(source: str | Path) -> dict:
-    """config.json (a file or a folder holding one) offline; otherwise a hub id via transformers."""
+    """A name in NAMED_SHAPES; config.json (a file or a folder holding one) offline; otherwise
+    a hub id via transformers."""
+    if str(source) in NAMED_SHAPES:
+        return NAMED_SHAPES[str(source)]
     path = Path(source)
     if path.is_dir():
         path = path / "config.json"
