@@ -33,8 +33,12 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, root: str, step: int, state: dict) -> str:
-    """Write step ``step`` (all ranks call this: DeepSpeed's save is collective)."""
+def save(engine, root: str, step: int, state: dict, keep: int | None = None) -> str:
+    """Write step ``step`` (all ranks call this: DeepSpeed's save is collective).
+
+    keep: then delete the oldest complete checkpoints beyond the newest ``keep``
+    (``--save-total-limit``), only after the new one is in place.
+    """
     final = os.path.join(root, f"step_{step}")
     tmp = os.path.join(root, f".tmp_step_{step}")
     if _rank() == 0:
@@ -52,8 +56,33 @@ def save(engine, root: str, step: int, state: dict) -> str:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         _write_atomic(os.path.join(root, "latest"), f"step_{step}")
+        for _, old in steps(root)[:-keep] if keep else []:
+            shutil.rmtree(old)
     _barrier()
     return final
+
+
+def steps(root: str) -> list[tuple[int, str]]:
+    """(step, folder) of every complete checkpoint under ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if name.startswith("step_") and name[5:].isdigit() and os.path.isfile(os.path.join(path, "state.json")):
+            found.append((int(name[5:]), path))
+    return sorted(found)
+
+
+def find(path: str) -> str:
+    """The checkpoint ``path`` names: a ``step_N`` folder itself, or the newest one in a
+    checkpoints folder or in a run's output folder."""
+    if os.path.isfile(os.path.join(path, "state.json")):
+        return path
+    for root in (path, os.path.join(path, "checkpoints")):
+        if found := latest(root):
+            return found
+    raise FileNotFoundError(f"no checkpoint in {path} (expected a step_N folder, or a folder holding them)")
 
 
 def latest(root: str) -> str | None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-__all__ = ["ChunkwiseConfig", "ConfigError", "SparseConfig"]
+__all__ = ["ChunkwiseConfig", "ConfigError", "SparseConfig", "misspelled_blocks", "warn_misspelled_blocks"]
+
+OUR_BLOCKS = ("chunkwise", "model")  # top-level keys DeepSpeed ignores and we validate
 
 
 class ConfigError(ValueError):
@@ -181,12 +184,64 @@ class ChunkwiseConfig:
         )
 
     @classmethod
-    def from_ds_config(cls, config: str | os.PathLike | dict) -> ChunkwiseConfig:
+    def from_ds_config(cls, config: str | os.PathLike | dict, source: str | None = None) -> ChunkwiseConfig:
         """Read the ``chunkwise`` block out of a whole DeepSpeed config (path or dict).
 
-        A config without the block gives chunking disabled.
+        A config without the block gives chunking disabled; a top-level key that looks
+        like a misspelled block name warns (``source`` names the file in the warning).
         """
+        source = source or (str(config) if not isinstance(config, dict) else "the DeepSpeed config")
         if not isinstance(config, dict):
             with open(config) as f:
                 config = json.load(f)
+        warn_misspelled_blocks(config, source)
         return cls.from_dict(config.get("chunkwise"))
+
+
+# ---- misspelled block names ---------------------------------------------------------------
+
+
+def _distance(a: str, b: str) -> int:
+    """Levenshtein edit distance."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+_WARNED: set[str] = set()
+
+
+def warn_misspelled_blocks(config: dict, source: str = "the DeepSpeed config") -> None:
+    """Warn (once per key and process: a launcher reads the file, the engine then the dict)
+    about top-level keys that look like a misspelled ``chunkwise`` or ``model``."""
+    for key, line in misspelled_blocks(config, source):
+        if key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(line, stacklevel=3)
+
+
+def misspelled_blocks(config: dict, source: str = "the DeepSpeed config") -> list[tuple[str, str]]:
+    """(key, message) for each top-level key that looks like a misspelled ``chunkwise`` or ``model``.
+
+    DeepSpeed ignores unknown top-level keys, so ``"chunk_wise": {...}`` would otherwise
+    train unchunked without a word.
+    """
+    lines = []
+    for key in config:
+        if key in OUR_BLOCKS or not isinstance(key, str):
+            continue
+        norm = key.lower().replace("_", "").replace("-", "")
+        for block in OUR_BLOCKS:
+            close = _distance(norm, block) <= len(block) // 4  # 2 edits for chunkwise, 1 for model
+            if close or (block == "chunkwise" and norm.startswith("chunk")):
+                lines.append(
+                    (
+                        key,
+                        f'{source}: top-level key "{key}" looks like a misspelling of "{block}" and has no effect '
+                        "(DeepSpeed ignores unknown top-level keys)",
+                    )
+                )
+    return lines

@@ -73,27 +73,28 @@ class PasskeyTask:
         return {"input_ids": ids, "labels": labels}
 
 
+class NoSupervisedTokens(ValueError):
+    """Every example of a dataset has all its labels ignored (e.g. prompts longer than seq_len)."""
+
+
 class TokenizedDataset:
     """Examples from JSONL / HF ``datasets`` records, tokenized once up front.
 
     Records with "text" are packed into ``seq_len`` blocks (loss on every token).
     Records with "messages" (chat) or "prompt" + "response"/"completion" are
     instruction samples: loss on the answer tokens only, truncated to ``seq_len``.
+    ``where[i]`` names record i in errors (e.g. ``train.jsonl:8``; default ``record i``).
     """
 
-    def __init__(self, records: Sequence[dict], tokenizer, seq_len: int):
-        texts, pairs = [], []
-        for n, rec in enumerate(records):
-            if "text" in rec:
-                texts.append(rec["text"])
-            elif "messages" in rec or "prompt" in rec:
-                pairs.append(_prompt_answer(rec, n))
-            else:
-                raise ValueError(f"record {n}: expected a 'text', 'messages' or 'prompt' field, got {sorted(rec)}")
+    def __init__(self, records: Sequence[dict], tokenizer, seq_len: int, where: Sequence[str] | None = None):
+        texts, pairs = split_records(records, where)
         self.examples = _pack(texts, tokenizer, seq_len) + [_instruction(p, a, tokenizer, seq_len) for p, a in pairs]
         self.examples = [e for e in self.examples if (e["labels"][1:] != IGNORE_INDEX).any()]
         if not self.examples:
-            raise ValueError("the dataset has no example with a supervised token")
+            raise NoSupervisedTokens(
+                f"the dataset has no example with a supervised token within seq_len={seq_len} "
+                "(every label is ignored: prompts too long, or empty answers)"
+            )
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -102,15 +103,36 @@ class TokenizedDataset:
         return self.examples[i]
 
 
-def _prompt_answer(rec: dict, n: int) -> tuple[object, str]:
+def split_records(records: Sequence[dict], where: Sequence[str] | None = None) -> tuple[list[str], list[tuple]]:
+    """(texts to pack, (prompt, answer) pairs); a record of neither kind is an error naming ``where[i]``."""
+    texts, pairs = [], []
+    for n, rec in enumerate(records):
+        at = where[n] if where is not None else f"record {n}"
+        if "text" in rec:
+            if not isinstance(rec["text"], str):
+                raise ValueError(f"{at}: 'text' must be a string, got {type(rec['text']).__name__}")
+            texts.append(rec["text"])
+        elif "messages" in rec or "prompt" in rec:
+            pairs.append(_prompt_answer(rec, at))
+        else:
+            raise ValueError(f"{at}: expected a 'text', 'messages' or 'prompt' field, got {sorted(rec)}")
+    return texts, pairs
+
+
+def _prompt_answer(rec: dict, at: str) -> tuple[object, str]:
     if "messages" in rec:
         msgs = rec["messages"]
-        if not msgs or msgs[-1].get("role") != "assistant":
-            raise ValueError(f"record {n}: 'messages' must end with an assistant turn")
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not isinstance(msgs[-1], dict)
+            or msgs[-1].get("role") != "assistant"
+        ):
+            raise ValueError(f"{at}: 'messages' must be a list of turns ending with an assistant turn")
         return msgs[:-1], msgs[-1]["content"]
     answer = rec.get("response", rec.get("completion"))
     if answer is None:
-        raise ValueError(f"record {n}: a 'prompt' needs a 'response' or 'completion'")
+        raise ValueError(f"{at}: a 'prompt' needs a 'response' or 'completion'")
     return rec["prompt"], answer
 
 
@@ -138,22 +160,47 @@ def _pack(texts: list[str], tokenizer, seq_len: int) -> list[Example]:
     return [{"input_ids": b, "labels": b.clone()} for b in blocks if len(b) > 1]
 
 
-def load_records(source: str) -> list[dict]:
-    """JSONL file, or ``hf:<dataset name>[:split]`` through the ``datasets`` package."""
+def load_records(source: str) -> tuple[list[dict], list[str]]:
+    """(records, where): a JSONL file, or ``hf:<dataset name>[:split]`` through ``datasets``.
+
+    ``where[i]`` names record i for error messages: ``file:line`` or ``name[i]``.
+    """
     if source.startswith("hf:"):
         try:
             import datasets
         except ImportError as e:
             raise ValueError("hf: data sources need the 'datasets' package: pip install datasets") from e
         name, _, split = source[3:].partition(":")
-        return list(datasets.load_dataset(name, split=split or "train"))
+        records = list(datasets.load_dataset(name, split=split or "train"))
+        return records, [f"{source}[{i}]" for i in range(len(records))]
     if not os.path.isfile(source):
         raise FileNotFoundError(f"data file not found: {source}")
+    records, where = [], []
     with open(source) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{source}:{line_no}: not valid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{source}:{line_no}: expected a JSON object per line, got {type(rec).__name__}")
+            records.append(rec)
+            where.append(f"{source}:{line_no}")
     if not records:
         raise ValueError(f"{source}: the dataset is empty")
-    return records
+    return records, where
+
+
+def held_out_rows(n: int, fraction: float, seed: int) -> list[int]:
+    """Which of ``n`` records to hold out for evaluation: a seeded random ``fraction`` of
+    them, at least one when ``fraction`` > 0, and never all (at least one stays to train)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"--eval-fraction {fraction}: expected a number in [0, 1)")
+    count = min(max(1, round(n * fraction)), n - 1) if fraction > 0 else 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:count].tolist())
 
 
 def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -172,6 +219,14 @@ def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
             1,
         )
     return out
+
+
+def eval_batches(dataset, batch_size: int, limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The dataset in order, ``batch_size`` rows at a time, the last batch possibly smaller
+    (so any non-empty dataset evaluates); at most ``limit`` batches."""
+    starts = range(0, len(dataset), batch_size)
+    for s in starts if limit is None else starts[:limit]:
+        yield collate([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))])
 
 
 def batches(dataset, batch_size: int, seed: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:

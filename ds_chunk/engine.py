@@ -20,11 +20,10 @@ import torch
 from torch import nn
 
 from ds_chunk.chunking import IGNORE_INDEX, prepare_labels
-from ds_chunk.config import ChunkwiseConfig
+from ds_chunk.config import OUR_BLOCKS, ChunkwiseConfig
 from ds_chunk.kv import ChunkCache
+from ds_chunk.ops import announce_op_builds
 from ds_chunk.scheduler import ChunkScheduler
-
-OUR_BLOCKS = ("chunkwise", "model")  # top-level keys DeepSpeed ignores and we validate
 
 
 class ChunkedLM(nn.Module):
@@ -210,6 +209,24 @@ def _walk(d: dict, prefix: str = ""):
             yield path, value
 
 
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def single_process_env() -> None:
+    """Under plain ``python`` (no launcher set RANK / WORLD_SIZE), the environment of a
+    one-process group on a free local port, as ``deepspeed --num_gpus 1`` would give;
+    DeepSpeed would otherwise try MPI discovery (and fail without mpi4py)."""
+    if any(key in os.environ for key in ("RANK", "WORLD_SIZE")):
+        return
+    import socket
+
+    with socket.socket() as s:  # a free port, so two runs on one machine do not collide
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    for key, value in zip(LAUNCHER_ENV, ("0", "1", "0", "127.0.0.1", port)):
+        os.environ.setdefault(key, value)
+
+
 def initialize(
     model: nn.Module | None = None,
     config: str | os.PathLike | dict | None = None,
@@ -224,14 +241,15 @@ def initialize(
 
     config: a DeepSpeed config (path or dict) with optional top-level ``chunkwise``
     and ``model`` blocks. Without ``model=``, the ``model`` block builds it (see
-    ``ds_chunk.model``). model_parameters default to the trainable parameters.
+    ``ds_chunk.model``). model_parameters default to the trainable parameters. Under
+    plain ``python`` (no launcher) it runs as a one-process group.
     """
     import deepspeed
 
     if config is None:
         raise ValueError("ds_chunk.initialize needs config= (a DeepSpeed config path or dict)")
     ds_config = load_ds_config(config)
-    chunkwise = ChunkwiseConfig.from_ds_config(ds_config)
+    chunkwise = ChunkwiseConfig.from_ds_config(ds_config, source=None if isinstance(config, dict) else str(config))
     refuse_fp16(ds_config.get("fp16", {}).get("enabled", False) is True)
     if model is None:
         from ds_chunk.model import ModelConfig, build_model
@@ -242,14 +260,16 @@ def initialize(
     module = model if isinstance(model, ChunkedLM) else ChunkedLM(model)
     if model_parameters is None:
         model_parameters = [p for p in module.parameters() if p.requires_grad]
-    engine, optimizer, loader, lr_scheduler = deepspeed.initialize(
-        model=module,
-        config={k: v for k, v in ds_config.items() if k not in OUR_BLOCKS},
-        model_parameters=model_parameters,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        training_data=training_data,
-        collate_fn=collate_fn,
-        **kwargs,
-    )
+    single_process_env()
+    with announce_op_builds():
+        engine, optimizer, loader, lr_scheduler = deepspeed.initialize(
+            model=module,
+            config={k: v for k, v in ds_config.items() if k not in OUR_BLOCKS},
+            model_parameters=model_parameters,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            training_data=training_data,
+            collate_fn=collate_fn,
+            **kwargs,
+        )
     return ChunkwiseEngine(engine, chunkwise), optimizer, loader, lr_scheduler

@@ -12,6 +12,7 @@ config dict with ``model_type``) builds a randomly initialised model instead, of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, fields
@@ -144,16 +145,48 @@ class ModelConfig:
         return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """Load (or build from config) the causal LM, quantize, prepare for k-bit training, add LoRA."""
+@contextlib.contextmanager
+def _not_found(name: str, what: str):
+    """transformers' OSError for a missing model (a long hub message) as one line."""
+    try:
+        yield
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(
+            f"{what} = {name!r}: not a local model folder, and not loadable from the hub ({first})"
+        ) from None
+
+
+def load_tokenizer(name_or_path: str):
+    """The model's tokenizer (``AutoTokenizer``); a missing one is one clear error."""
+    from transformers import AutoTokenizer
+
+    with _not_found(name_or_path, "--model / model.name_or_path"):
+        return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def _load_kwargs(cfg: ModelConfig) -> dict:
+    return {"dtype": DTYPES[cfg.dtype], "attn_implementation": cfg.attn_implementation}
+
+
+def build_base(cfg: ModelConfig) -> nn.Module:
+    """The seeded, randomly initialised model of a ``config`` recipe, before quantization and
+    LoRA: what ``build_model`` starts from (saved next to adapters so they can be loaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = DTYPES[cfg.dtype]
-    kwargs = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    if cfg.config is None:
+        raise ValueError("build_base is for models built from a config; this recipe loads name_or_path")
+    torch.manual_seed(cfg.seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg.config), **_load_kwargs(cfg))
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Load (or build from config) the causal LM, quantize, prepare for k-bit training, add LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = _load_kwargs(cfg)
     if cfg.config is not None:
-        hf_config = AutoConfig.for_model(**cfg.config)
-        torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
+        model = build_base(cfg)
         if cfg.quantization is not None:  # bitsandbytes quantizes on load: go through a checkpoint
             with tempfile.TemporaryDirectory() as tmp:
                 model.save_pretrained(tmp)
@@ -164,7 +197,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         quant = {} if cfg.quantization is None else {"quantization_config": cfg.quantization.to_hf()}
         if quant and torch.cuda.is_available():  # bitsandbytes would put every rank's weights on GPU 0
             quant["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs, **quant)
+        with _not_found(cfg.name_or_path, "model.name_or_path"):
+            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs, **quant)
     ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks ZeRO-2 and our replay
     if cfg.quantization is not None:
         from peft import prepare_model_for_kbit_training

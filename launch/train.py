@@ -16,21 +16,54 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
-import socket
+import shutil
 import sys
 import time
+import warnings
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
 from ds_chunk import checkpoint  # noqa: E402
-from ds_chunk.config import ChunkwiseConfig, ConfigError  # noqa: E402
-from ds_chunk.data import PasskeyTask, RecallTask, TokenizedDataset, batches, load_records  # noqa: E402
+from ds_chunk.config import OUR_BLOCKS, ChunkwiseConfig, ConfigError, warn_misspelled_blocks  # noqa: E402
+from ds_chunk.data import (  # noqa: E402
+    NoSupervisedTokens,
+    PasskeyTask,
+    RecallTask,
+    TokenizedDataset,
+    batches,
+    eval_batches,
+    held_out_rows,
+    load_records,
+    split_records,
+)
+from ds_chunk.model import load_tokenizer  # noqa: E402
+from ds_chunk.tracking import RunLog, tracker_names  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ds_configs", "recall_cpu.json")
+DEFAULT_STEPS = 250
+
+
+def _number(kind, lo, hi=None, open_hi=False):
+    """An argparse type: a number of ``kind`` in [lo, hi] (or [lo, hi) with open_hi)."""
+    hi_text = "" if hi is None else f" and {'<' if open_hi else '<='} {hi}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        ok = value is not None and value >= lo and (hi is None or (value < hi if open_hi else value <= hi))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{text}: expected {'an integer' if kind is int else 'a number'} "
+                                             f">= {lo}{hi_text}")  # fmt: skip
+        return value
+
+    return parse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,29 +75,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="DeepSpeed JSON config (default: the accelerate yaml's file, else ds_configs/recall_cpu.json)",
     )
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    p.add_argument("--model", help="hub id or local path; overrides the config's model block")
-    p.add_argument("--quant", choices=["none", "4bit", "8bit"], help="bitsandbytes base weights")
-    p.add_argument("--lora-r", type=int, help="add LoRA of this rank (0: none)")
-    p.add_argument("--lora-alpha", type=int)
-    p.add_argument("--lora-dropout", type=float)
-    p.add_argument("--lora-targets", help='comma-separated module names, or "all-linear"')
-    p.add_argument("--data", help="JSONL file or hf:<dataset>[:split]; default: a synthetic task")
-    p.add_argument("--task", choices=["recall", "passkey"], default="recall", help="synthetic task (no --data)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (pack/truncate to this)")
-    p.add_argument("--chunk-size", type=int, help="overrides chunkwise.chunk_size")
-    p.add_argument("--sparse-rate", type=float, help="SpaCO: replay each chunk with this probability")
-    p.add_argument("--truncate", action="store_true", help="baseline: no gradient across chunk boundaries")
-    p.add_argument("--kv-offload", action="store_true", help="KV cache, its gradient and saved tensors in host memory")
-    p.add_argument("--lr", type=float, help="overrides optimizer.params.lr")
-    p.add_argument("--max-steps", type=int, default=250)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=4)
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--output-dir", default="runs/default")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tensorboard", action="store_true", help="also log to <output-dir>/tb")
-    return p.parse_args(argv)
+    m = p.add_argument_group("model (overrides the config's model block)")
+    m.add_argument("--model", help="hub id or local path")
+    m.add_argument("--quant", choices=["none", "4bit", "8bit"], help="bitsandbytes base weights")
+    m.add_argument("--lora-r", type=_number(int, 0), help="add LoRA of this rank (0: none)")
+    m.add_argument("--lora-alpha", type=_number(int, 1))
+    m.add_argument("--lora-dropout", type=_number(float, 0.0, 1.0))
+    m.add_argument("--lora-targets", help='comma-separated module names, or "all-linear"')
+    d = p.add_argument_group("data")
+    d.add_argument("--data", help="JSONL file or hf:<dataset>[:split]; default: a synthetic task")
+    d.add_argument("--eval-data", help="held-out JSONL / hf: source (default: --eval-fraction of --data)")
+    d.add_argument("--eval-fraction", type=_number(float, 0.0, 1.0, open_hi=True), default=0.02,
+                   help="records of --data held out for evaluation (at least 1; 0: none)")  # fmt: skip
+    d.add_argument("--task", choices=["recall", "passkey"], default="recall", help="synthetic task (no --data)")
+    d.add_argument("--seq-len", type=_number(int, 2), default=1024, help="tokens per sequence (pack/truncate)")
+    c = p.add_argument_group("chunking (overrides the config's chunkwise block)")
+    c.add_argument("--chunk-size", type=int, help="chunkwise.chunk_size")
+    c.add_argument("--sparse-rate", type=float, help="SpaCO: replay each chunk with this probability")
+    c.add_argument("--truncate", action="store_true", help="baseline: no gradient across chunk boundaries")
+    c.add_argument("--kv-offload", action="store_true", help="KV cache, its gradient and saved tensors in host memory")
+    o = p.add_argument_group("optimisation (overrides the config's DeepSpeed keys)")
+    o.add_argument("--lr", type=_number(float, 0.0), help="optimizer.params.lr")
+    o.add_argument("--weight-decay", type=_number(float, 0.0), help="optimizer.params.weight_decay")
+    o.add_argument("--max-grad-norm", type=_number(float, 0.0), help="gradient_clipping (0: off)")
+    o.add_argument("--micro-batch-size", type=_number(int, 1), help="train_micro_batch_size_per_gpu")
+    o.add_argument("--gradient-accumulation-steps", type=_number(int, 1), help="gradient_accumulation_steps")
+    o.add_argument("--lr-scheduler", help="a transformers schedule (linear, cosine, constant_with_warmup, ...), "
+                   "replacing the config's scheduler block")  # fmt: skip
+    o.add_argument("--warmup-steps", type=_number(int, 0), help="with --lr-scheduler")
+    o.add_argument("--warmup-ratio", type=_number(float, 0.0, 1.0), help="with --lr-scheduler: of all steps")
+    o.add_argument("--max-steps", type=_number(int, 1), help=f"optimizer steps (default {DEFAULT_STEPS})")
+    o.add_argument("--epochs", type=_number(float, 0.0), help="passes over the data, unless --max-steps is given")
+    o.add_argument("--seed", type=int, default=0)
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval-every", type=_number(int, 1), default=50)
+    e.add_argument("--eval-batch-size", type=_number(int, 1), help="default: the micro batch size")
+    e.add_argument("--eval-batches", type=_number(int, 1), help="evaluate at most this many batches (default: all)")
+    s = p.add_argument_group("output")
+    s.add_argument("--output-dir", help="default: runs/<task or data>-<method>")
+    s.add_argument("--save-every", type=_number(int, 0), default=0, help="checkpoint every N steps (0: only the end)")
+    s.add_argument("--save-final", action=argparse.BooleanOptionalAction, default=True, help="checkpoint at the end")
+    s.add_argument("--save-total-limit", type=_number(int, 1), help="keep only the newest N checkpoints")
+    s.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
+                   help="continue from the newest checkpoint in --output-dir; 'auto': if there is one")  # fmt: skip
+    s.add_argument("--resume-from", help="continue from this checkpoint (a step_N folder or a run's folder)")
+    s.add_argument("--overwrite-output-dir", action="store_true", help="start over, deleting earlier checkpoints")
+    s.add_argument("--report-to", nargs="+", default=["none"], help="trackers: tensorboard, wandb, ..., all, none")
+    s.add_argument("--tensorboard", action="store_true", help="same as --report-to tensorboard")
+    args = p.parse_args(argv)
+    if args.tensorboard:
+        args.report_to = [*(r for r in args.report_to if r != "none"), "tensorboard"]
+    if (args.warmup_steps is not None or args.warmup_ratio is not None) and not args.lr_scheduler:
+        p.error("--warmup-steps / --warmup-ratio need --lr-scheduler (e.g. linear, cosine, constant_with_warmup)")
+    if args.resume and args.resume_from:
+        p.error("give --resume or --resume-from, not both")
+    return args
+
+
+# ---- the DeepSpeed config, with the flags applied ---------------------------------------
 
 
 def load_config(args: argparse.Namespace, micro_batch: int | None = None) -> dict:
@@ -72,11 +140,36 @@ def load_config(args: argparse.Namespace, micro_batch: int | None = None) -> dic
     if not os.path.isfile(args.deepspeed_config):
         raise FileNotFoundError(f"DeepSpeed config not found: {args.deepspeed_config}")
     with open(args.deepspeed_config) as f:
-        cfg = json.load(f)
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{args.deepspeed_config}:{e.lineno}: not valid JSON ({e.msg})") from None
+    warn_misspelled_blocks(cfg, args.deepspeed_config)
     chunk_flags = (args.chunk_size, args.sparse_rate, args.truncate or None, args.kv_offload or None)
     if "chunkwise" not in cfg and all(flag is None for flag in chunk_flags):
         cfg["chunkwise"] = {"enabled": False}  # a plain DeepSpeed config trains unchunked, as the library does
-    chunkwise = dict(cfg.get("chunkwise", {}))
+    cfg["chunkwise"] = chunkwise_block(args, cfg.get("chunkwise", {}))
+    ChunkwiseConfig.from_dict(cfg["chunkwise"])  # fail early, naming the key
+    optimizer = {"lr": args.lr, "weight_decay": args.weight_decay}
+    for key, value in optimizer.items():
+        if value is not None:
+            cfg.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})[key] = value
+    batch = {"train_micro_batch_size_per_gpu": args.micro_batch_size, "gradient_accumulation_steps":
+             args.gradient_accumulation_steps, "gradient_clipping": args.max_grad_norm}  # fmt: skip
+    cfg.update({key: value for key, value in batch.items() if value is not None})
+    if args.micro_batch_size or args.gradient_accumulation_steps:
+        cfg.pop("train_batch_size", None)  # derived again below, consistent with the new factors
+    if args.lr_scheduler:
+        cfg.pop("scheduler", None)  # the flag's schedule replaces it (see lr_schedule)
+    cfg["model"] = model_block(args, cfg.get("model"))
+    from ds_chunk.model import ModelConfig
+
+    ModelConfig.from_dict(cfg["model"])  # fail early, naming the key
+    return resolve_auto(cfg, micro_batch)
+
+
+def chunkwise_block(args: argparse.Namespace, block: dict) -> dict:
+    chunkwise = dict(block)
     if args.chunk_size is not None:
         chunkwise["chunk_size"] = args.chunk_size
     if args.sparse_rate is not None:
@@ -86,12 +179,7 @@ def load_config(args: argparse.Namespace, micro_batch: int | None = None) -> dic
         chunkwise["truncate"] = True
     if args.kv_offload:
         chunkwise["kv_offload"] = True
-    cfg["chunkwise"] = chunkwise
-    ChunkwiseConfig.from_dict(chunkwise)  # fail early, naming the key
-    if args.lr is not None:
-        cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})["params"]["lr"] = args.lr
-    cfg["model"] = model_block(args, cfg.get("model"))
-    return resolve_auto(cfg, micro_batch)
+    return chunkwise
 
 
 def model_block(args: argparse.Namespace, block: dict | None) -> dict:
@@ -123,7 +211,6 @@ def resolve_auto(cfg: dict, micro_batch: int | None) -> dict:
     Plain DeepSpeed fills none, and accelerate fills the micro batch only from a
     dataloader passed to prepare(), which we do not pass.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     fill = {
         "train_micro_batch_size_per_gpu": micro_batch or 1,
         "gradient_accumulation_steps": 1,
@@ -132,108 +219,193 @@ def resolve_auto(cfg: dict, micro_batch: int | None) -> dict:
     for key, value in fill.items():
         if cfg.get(key) == "auto":
             cfg[key] = value
-    if cfg.get("train_batch_size") == "auto":
-        cfg["train_batch_size"] = (
-            cfg["train_micro_batch_size_per_gpu"] * cfg.get("gradient_accumulation_steps", 1) * world
-        )
+    if cfg.get("train_batch_size", "auto") == "auto":
+        cfg["train_batch_size"] = cfg.get("train_micro_batch_size_per_gpu", 1) * cfg.get(
+            "gradient_accumulation_steps", 1
+        ) * world_size()  # fmt: skip
     from ds_chunk.engine import load_ds_config
 
     return load_ds_config(cfg)  # raises on any "auto" left, naming its key
 
 
-def build_engine(cfg: dict):
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def lr_schedule(args: argparse.Namespace, cfg: dict, total_steps: int):
+    """``--lr-scheduler``: a callable DeepSpeed calls with its optimizer, giving transformers'
+    schedule of that name (the one HF Trainer uses), stepped once per optimizer step."""
+    if not args.lr_scheduler:
+        return None
+    from transformers import SchedulerType, get_scheduler
+
+    names = [t.value for t in SchedulerType]
+    if args.lr_scheduler not in names:
+        raise ValueError(f"--lr-scheduler {args.lr_scheduler}: expected one of {', '.join(names)}")
+    warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil((args.warmup_ratio or 0) * total_steps)
+    return lambda optimizer: get_scheduler(args.lr_scheduler, optimizer, warmup, total_steps)
+
+
+# ---- model, engine, data -----------------------------------------------------------------
+
+
+def build_engine(cfg: dict, schedule=None):
     """ds_chunk.initialize under the deepspeed launcher / plain python; accelerate.prepare under accelerate."""
     import ds_chunk
     from ds_chunk.model import ModelConfig, build_model
 
     model = build_model(ModelConfig.from_dict(cfg["model"]))
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
-            os.environ.setdefault(key, value)  # plain `python launch/train.py`: one process
-        if "MASTER_PORT" not in os.environ:  # a free one, so two runs on one machine do not collide
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        return ds_chunk.initialize(model=model, config=cfg)[0]
-    return build_engine_accelerate(model, cfg)
+        return ds_chunk.initialize(model=model, config=cfg, lr_scheduler=schedule)[0]
+    return build_engine_accelerate(model, cfg, schedule)
 
 
-def build_engine_accelerate(model, cfg: dict):
+def build_engine_accelerate(model, cfg: dict, schedule=None):
     from accelerate import Accelerator
     from accelerate.utils import DummyOptim, DummyScheduler
 
-    from ds_chunk.engine import OUR_BLOCKS, ChunkedLM, ChunkwiseEngine
+    from ds_chunk.engine import ChunkedLM, ChunkwiseEngine
+    from ds_chunk.ops import announce_op_builds
 
-    accelerator = Accelerator()
-    plugin = accelerator.state.deepspeed_plugin
-    plugin.deepspeed_config.clear()  # accelerate read the same file; use our resolved copy
-    plugin.deepspeed_config.update({k: v for k, v in cfg.items() if k not in OUR_BLOCKS})
-    module = ChunkedLM(model)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = DummyOptim(params) if "optimizer" in cfg else torch.optim.AdamW(params, lr=1e-4)
-    objects = [module, optimizer] + ([DummyScheduler(optimizer)] if "scheduler" in cfg else [])
-    engine = accelerator.prepare(*objects)[0]  # the DeepSpeed engine itself
+    with announce_op_builds():
+        accelerator = Accelerator()
+        plugin = accelerator.state.deepspeed_plugin
+        plugin.deepspeed_config.clear()  # accelerate read the same file; use our resolved copy
+        plugin.deepspeed_config.update({k: v for k, v in cfg.items() if k not in OUR_BLOCKS})
+        module = ChunkedLM(model)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = DummyOptim(params) if "optimizer" in cfg else torch.optim.AdamW(params, lr=1e-4)
+        objects = [module, optimizer]
+        if schedule is not None:
+            dummy = isinstance(optimizer, DummyOptim)
+            objects.append(DummyScheduler(optimizer, lr_scheduler_callable=schedule) if dummy else schedule(optimizer))
+        elif "scheduler" in cfg:
+            objects.append(DummyScheduler(optimizer))
+        engine = accelerator.prepare(*objects)[0]  # the DeepSpeed engine itself
     return ChunkwiseEngine(engine, ChunkwiseConfig.from_ds_config(cfg))
 
 
 def build_data(args: argparse.Namespace, cfg: dict):
-    """(train, held-out) datasets: the synthetic task, or records tokenized with the model's tokenizer."""
+    """(train, held-out or None): the synthetic task, or records tokenized with the model's tokenizer."""
     if args.data is None:
+        if args.eval_data:
+            raise ValueError("--eval-data needs --data (the synthetic tasks make their own held-out set)")
         vocab = cfg["model"].get("config", {}).get("vocab_size")
         if vocab is None:
             raise ValueError("the synthetic tasks need a model built from a config; pass --data for a real model")
         task = RecallTask if args.task == "recall" else PasskeyTask
         return task(100_000, args.seq_len, vocab, seed=args.seed), task(64, args.seq_len, vocab, seed=args.seed + 1)
-    records = load_records(args.data)
-    if len(records) < 2:
-        raise ValueError(f"{args.data}: need at least 2 records (one is held out for evaluation)")
+    records, where = load_records(args.data)
+    split_records(records, where)  # a bad record is named before anything is loaded
     if "name_or_path" not in cfg["model"]:
         raise ValueError("--data needs the model's tokenizer: pass --model (a hub id or local path)")
-    from transformers import AutoTokenizer
+    if args.eval_data:
+        held = []
+        eval_records, eval_where = load_records(args.eval_data)
+        split_records(eval_records, eval_where)
+    else:
+        held = held_out_rows(len(records), args.eval_fraction, args.seed)
+        eval_records, eval_where = [records[i] for i in held], [where[i] for i in held]
+        if args.eval_fraction > 0 and not held:
+            warnings.warn(f"{args.data}: a single record, none held out: no evaluation", stacklevel=1)
+    keep = sorted(set(range(len(records))) - set(held))
+    tokenizer = load_tokenizer(cfg["model"]["name_or_path"])
+    train_set = TokenizedDataset([records[i] for i in keep], tokenizer, args.seq_len, [where[i] for i in keep])
+    if not eval_records:
+        return train_set, None
+    try:
+        return train_set, TokenizedDataset(eval_records, tokenizer, args.seq_len, eval_where)
+    except NoSupervisedTokens:
+        if args.eval_data:
+            raise
+        msg = f"{args.data}: the held-out records have no supervised token within --seq-len {args.seq_len}"
+        warnings.warn(msg + ": no evaluation (raise --eval-fraction, or pass --eval-data)", stacklevel=1)
+        return train_set, None
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg["model"]["name_or_path"])
-    held_out = max(1, len(records) // 50)  # 2% for evaluation
-    train_set = TokenizedDataset(records[held_out:], tokenizer, args.seq_len)
-    return train_set, TokenizedDataset(records[:held_out], tokenizer, args.seq_len)
+
+def total_steps(args: argparse.Namespace, cfg: dict, num_examples: int) -> int:
+    """Optimizer steps: --max-steps, else --epochs over the data, else the default."""
+    rows = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world_size()
+    per_epoch = num_examples // rows
+    if per_epoch == 0:
+        raise ValueError(
+            f"the training set has {num_examples} examples, fewer than one step's {rows} rows (micro batch "
+            f"{cfg['train_micro_batch_size_per_gpu']} x gradient accumulation {cfg['gradient_accumulation_steps']} "
+            f"x {world_size()} ranks): lower --micro-batch-size or add data"
+        )
+    if args.max_steps is not None:
+        return args.max_steps
+    return max(1, math.ceil(args.epochs * per_epoch)) if args.epochs else DEFAULT_STEPS
 
 
-BAR_KEYS = ("loss", "tok/s", "peak_gb", "host_gb", "replayed")
+def method_name(chunkwise: ChunkwiseConfig) -> str:
+    if not chunkwise.enabled:
+        return "plain"
+    if chunkwise.truncate:
+        return "truncate"
+    if chunkwise.sparse is not None:
+        s = chunkwise.sparse
+        return f"spaco{s.rate if s.rate is not None else str(s.num_chunks) + 'of'}"
+    return "seco"
 
 
-class Logger:
-    """Rank 0: a tqdm bar, <output-dir>/metrics.jsonl, and tensorboard when asked."""
+def default_output_dir(args: argparse.Namespace, cfg: dict) -> str:
+    data = args.task if args.data is None else os.path.splitext(os.path.basename(args.data.rstrip("/")))[0]
+    return os.path.join("runs", f"{data.replace(':', '_')}-{method_name(ChunkwiseConfig.from_dict(cfg['chunkwise']))}")
 
-    def __init__(self, args: argparse.Namespace, start: int, rank: int):
-        from tqdm import tqdm
 
-        self.rank, self.tb = rank, None
-        self.bar = tqdm(total=args.max_steps, initial=start, disable=rank != 0, dynamic_ncols=True)
-        if rank == 0:
-            os.makedirs(args.output_dir, exist_ok=True)
-            self.file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a")
-            if args.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+def resume_point(args: argparse.Namespace) -> str | None:
+    """The checkpoint to continue from, or None for a fresh run; refuses to start a fresh run over
+    an earlier run's checkpoints (they would be mixed with, and rotated out by, the new ones)."""
+    ckpt_dir = os.path.join(args.output_dir, "checkpoints")
+    if args.resume_from:
+        return checkpoint.find(args.resume_from)
+    if args.resume:
+        found = checkpoint.latest(ckpt_dir)
+        if found is None and args.resume == "yes":
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (--resume auto starts fresh if none)")
+        return found
+    existing = checkpoint.steps(ckpt_dir)
+    if existing and not args.overwrite_output_dir:
+        raise ValueError(
+            f"{args.output_dir} already holds checkpoints (newest: step {existing[-1][0]}): pass --resume to "
+            "continue that run, --overwrite-output-dir to start over, or another --output-dir"
+        )
+    return None
 
-                self.tb = SummaryWriter(os.path.join(args.output_dir, "tb"))
 
-    def log(self, record: dict, advance: bool = False) -> None:
-        if self.rank != 0:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        for key, value in record.items():
-            if self.tb is not None and key != "step" and isinstance(value, (int, float)):
-                self.tb.add_scalar(key, value, record["step"])
-        if advance:
-            self.bar.set_postfix({k: record[k] for k in BAR_KEYS}, refresh=False)
-            self.bar.update(1)
-        else:
-            self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+def clear_output_dir(output_dir: str, rank: int) -> None:
+    """--overwrite-output-dir: an earlier run's checkpoints, metrics and tracker logs go (rank 0)."""
+    if rank == 0:
+        for name in ("checkpoints", "metrics.jsonl", "tb", "base_model"):
+            path = os.path.join(output_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
 
-    def close(self) -> None:
-        self.bar.close()
-        if self.rank == 0:
-            self.file.close()
+
+def save_base_model(engine, cfg: dict, output_dir: str, rank: int) -> None:
+    """A LoRA adapter on a model built from a config points at a base nobody can load (a
+    random init, or the temporary folder it was quantized through): save that base once as
+    <output-dir>/base_model and point the adapter's base_model_name_or_path at it."""
+    model = engine.hf_model
+    if "config" not in cfg["model"] or not hasattr(model, "peft_config"):
+        return
+    path = os.path.abspath(os.path.join(output_dir, "base_model"))
+    if rank == 0 and not os.path.isfile(os.path.join(path, "config.json")):
+        from ds_chunk.model import ModelConfig, build_base
+
+        tmp = path + ".tmp"  # written whole, then renamed into place
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_base(ModelConfig.from_dict(cfg["model"])).save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    for peft_config in model.peft_config.values():
+        peft_config.base_model_name_or_path = path
+
+
+# ---- the loop ----------------------------------------------------------------------------
 
 
 def peak_memory_gb() -> dict:
@@ -244,34 +416,52 @@ def peak_memory_gb() -> dict:
     return {"peak_gb": round(device, 3), "host_gb": round(host, 3)}
 
 
-def run_eval(engine, data, args, chunk_size: int, micro: int) -> dict:
+def run_eval(engine, data, args, chunk_size: int) -> dict:
     from ds_chunk.evaluate import evaluate
 
-    loader = batches(data, micro, seed=0)
-    return evaluate(engine.hf_model, (next(loader) for _ in range(args.eval_batches)), chunk_size)
+    size = args.eval_batch_size or engine.train_micro_batch_size_per_gpu()
+    return evaluate(engine.hf_model, eval_batches(data, size, args.eval_batches), chunk_size)
 
 
-def train(args: argparse.Namespace, engine, train_data, eval_data) -> list[dict]:
+def train(args: argparse.Namespace, engine, train_data, eval_data, steps: int, resume: str | None, cfg: dict):
     """The loop: one engine.train_batch per step; eval, checkpoint, log. Returns the records."""
     rank, world = engine.rank_and_world()
-    micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-    rows, chunk = micro * gas, engine.chunkwise.chunk_size if engine.chunkwise.enabled else args.seq_len
+    rows = engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps()
+    chunk = engine.chunkwise.chunk_size if engine.chunkwise.enabled else args.seq_len
     ckpt_dir, start = os.path.join(args.output_dir, "checkpoints"), 0
-    if args.resume and (last := checkpoint.latest(ckpt_dir)):
-        start = checkpoint.load(engine, last)["step"]
-    log, history = Logger(args, start, rank), []
+    if resume:
+        start = checkpoint.load(engine, resume)["step"]
+        if start >= steps:
+            raise ValueError(f"{resume} is at step {start}, already at --max-steps {steps}: nothing to train")
+    elif args.overwrite_output_dir:
+        clear_output_dir(args.output_dir, rank)
+    saving = args.save_every > 0 or args.save_final
+    if saving:
+        save_base_model(engine, cfg, args.output_dir, rank)
+    run = {"resumed_from": resume, "world_size": world, "args": vars(args), "ds_config": cfg}
+    log, history = RunLog(args.output_dir, steps, start, rank, run, tracker_names(args.report_to)), []
+    log.message(
+        f"ds_chunk: {method_name(engine.chunkwise)}"
+        + (f", chunk {chunk}" if engine.chunkwise.enabled else " (no chunkwise block: chunking off)")
+        + f"; {steps} steps of {rows * world} sequences of <= {args.seq_len} tokens; output {args.output_dir}"
+        + (f"; resumed from {resume} at step {start}" if resume else "")
+    )
     loader = batches(train_data, rows * world, args.seed, start=start)  # the same global batch on every rank
+    save = lambda step: checkpoint.save(engine, ckpt_dir, step, {"step": step}, keep=args.save_total_limit)  # noqa: E731
     try:
-        for step in range(start + 1, args.max_steps + 1):
+        for step in range(start + 1, steps + 1):
             batch = {k: v[rank * rows : (rank + 1) * rows] for k, v in next(loader).items()}
             history.append(train_step(engine, batch, step, world))
             log.log(history[-1], advance=True)
-            if step % args.eval_every == 0 or step == args.max_steps:
-                metrics = run_eval(engine, eval_data, args, chunk, micro)
+            last = step == steps
+            if last and args.save_final or args.save_every and step % args.save_every == 0:
+                save(step)  # before the evaluation: nothing after training can lose it
+            if eval_data is not None and (step % args.eval_every == 0 or last):
+                metrics = run_eval(engine, eval_data, args, chunk)
                 history.append({"step": step} | {f"eval_{k}": v for k, v in metrics.items()})
                 log.log(history[-1])
-            if args.save_every and (step % args.save_every == 0 or step == args.max_steps):
-                checkpoint.save(engine, ckpt_dir, step, {"step": step})
+        if saving:
+            log.message(f"checkpoint: {checkpoint.latest(ckpt_dir)}")
     finally:
         log.close()  # before any error message, so it stays the last line
     return history
@@ -303,14 +493,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     cfg = load_config(args)
+    args.output_dir = args.output_dir or default_output_dir(args, cfg)
+    resume = resume_point(args)  # before any compute: a wrong --resume costs nothing
     train_data, eval_data = build_data(args, cfg)
-    engine = build_engine(cfg)
-    return train(args, engine, train_data, eval_data)
+    steps = total_steps(args, cfg, len(train_data))
+    engine = build_engine(cfg, lr_schedule(args, cfg, steps))
+    return train(args, engine, train_data, eval_data, steps, resume, cfg)
 
 
 if __name__ == "__main__":
     from ds_chunk.adapter import UnsupportedModelError
 
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"  # one line each
     try:
         main()
     except (ValueError, ConfigError, FileNotFoundError, UnsupportedModelError) as e:

@@ -1,6 +1,7 @@
 """Memory planner: components against hand-computed values, the recommendation logic, and
 the prediction against a peak measured by ds_chunk.bench in a subprocess."""
 
+import csv
 import dataclasses
 import json
 
@@ -267,3 +268,34 @@ def test_markdown_table_shows_host_memory_of_offload_points():
     lines = markdown_table(rows, "seco").splitlines()
     assert "host MiB" in lines[0]
     assert lines[3].split(" | ")[5:8] == ["500", "300", "1.25"]  # peak, host, time x seco (offload-free row)
+
+
+def test_check_reads_what_the_bench_writes(tmp_path, capsys):
+    """--check on a CSV the bench just wrote: kv_offload is written "False"/"True" and offload rows
+    are left out; --config names the model the bench measured."""
+    from ds_chunk import bench, plan
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    bench.main(["--seq-lens", "512", "--methods", "seco", "--chunk-sizes", "128", "--kv-offload", "false", "true",
+                "--model", str(config), "--repeats", "1", "--measure", "memory", "--cpus", "none", "--out",
+                str(tmp_path)])  # fmt: skip
+    csv_path = tmp_path / "bench.csv"
+    assert [r["kv_offload"] for r in csv.DictReader(open(csv_path))] == ["False", "True"]
+    capsys.readouterr()
+    assert plan.main(["--check", str(csv_path), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "over 1 measured points" in out
+    error = float(out.split("largest error: ")[1].split("%")[0])
+    assert error < 15
+
+
+def test_plan_cli_exit_status(tmp_path, capsys):
+    from ds_chunk import plan
+
+    assert plan.main(["--config", str(tmp_path / "nope.json"), "--seq-len", "100"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: model config not found: {tmp_path / 'nope.json'}"
+    fits = ["--config", "llama-3-8b", "--seq-len", "16384", "--quant", "4bit", "--lora-rank", "8", "--gpu-mem-gb"]
+    assert plan.main([*fits, "80"]) == 0
+    assert plan.main([*fits, "4"]) == 1  # does not fit: non-zero, so a script can test it
+    assert "does not fit in 4.0 GiB" in capsys.readouterr().out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 from ds_chunk.plan.compare import check, check_table
@@ -40,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--offload-optimizer", action="store_true")
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--reserve-gb", type=float, default=1.0, help="CUDA context, workspace, fragmentation")
-    p.add_argument("--check", type=Path, metavar="CSV", help="compare with a ds_chunk.bench CSV instead")
+    p.add_argument("--check", type=Path, metavar="CSV", help="compare with a ds_chunk.bench CSV instead (--config: "
+                   "the model it measured; default: the CSV's model column, else the bench's model)")  # fmt: skip
     args = p.parse_args(argv)
     if not args.check and (args.config is None or args.seq_len is None):
         p.error("--config and --seq-len are required (or --check CSV)")
@@ -69,13 +71,14 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
     )
 
 
-def report(shape: ModelShape, setup: Setup) -> str:
-    """The breakdown at ``setup.chunk_size`` and, with a budget, the recommendation."""
+def report(shape: ModelShape, setup: Setup) -> tuple[str, bool]:
+    """The breakdown at ``setup.chunk_size`` and, with a budget, the recommendation; and
+    whether it fits (True without a budget)."""
     est = estimate(shape, setup)
     what = f"{setup.method}" + (f" chunk {setup.chunk_size}" if setup.chunked else "")
     lines = [f"{what}, T={setup.seq_len}, {shape.params() / 1e6:.0f}M params:", est.table()]
     if setup.gpu_mem_gb is None:
-        return "\n".join(lines)
+        return "\n".join(lines), True
     rec = recommend(shape, setup)
     if rec.chunk_size and setup.chunked:
         lines.append(f"recommended chunk_size: {rec.chunk_size} ({rec.estimate.total_bytes / GIB:.2f} GiB "
@@ -87,16 +90,33 @@ def report(shape: ModelShape, setup: Setup) -> str:
         lines.append(f"does not fit in {setup.gpu_mem_gb} GiB (needs {rec.estimate.total_bytes / GIB:.2f} GiB"
                      f"{where}). What would help:")  # fmt: skip
         lines += [f"  - {a}" for a in rec.advice]
-    return "\n".join(lines)
+    return "\n".join(lines), rec.chunk_size is not None
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Print the report (or the check); the exit status: 0, or 1 when it does not fit."""
     if args.check:
+        if not args.check.is_file():
+            raise FileNotFoundError(f"bench CSV not found: {args.check}")
         with open(args.check) as f:
-            results = check(list(csv.DictReader(f)))
+            rows = list(csv.DictReader(f))
+        results = check(rows, ModelShape.from_config(args.config) if args.config else None)
+        if not results:
+            raise ValueError(f"{args.check}: no measured point to check (rows with status ok and a peak_mib)")
         print(check_table(results))
-        worst = max((abs(r["error"]) for r in results), default=0.0)
+        worst = max(abs(r["error"]) for r in results)
         print(f"\nlargest error: {100 * worst:.1f}% over {len(results)} measured points")
-        return
-    print(report(ModelShape.from_config(args.config), setup_from_args(args)))
+        return 0
+    text, fits = report(ModelShape.from_config(args.config), setup_from_args(args))
+    print(text)
+    return 0 if fits else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ds_chunk.plan`` / ``ds-chunk-plan``: errors are one line and exit 2."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

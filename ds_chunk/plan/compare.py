@@ -9,6 +9,11 @@ from ds_chunk.plan.shape import MIB, ModelShape, Setup
 # ---- check against ds_chunk.bench measurements -------------------------------------------
 
 
+def _flag(value) -> bool:
+    """A bench CSV boolean: written as "True" / "False" (or empty for rows without it)."""
+    return str(value).strip().lower() in ("true", "1")
+
+
 def setup_from_bench_row(row: dict) -> Setup:
     """The Setup of one ``ds_chunk.bench`` CSV row (measured on one device, no ZeRO)."""
     method = row["method"]
@@ -38,17 +43,18 @@ def _bench_shape(row: dict) -> ModelShape:
     return ModelShape.from_config(DEFAULT_MODEL)
 
 
-def check(rows: list[dict]) -> list[dict]:
+def check(rows: list[dict], shape: ModelShape | None = None) -> list[dict]:
     """Predicted vs measured step peak for each measured bench row: error = pred / measured - 1.
 
-    kv_offload rows are left out: the planner predicts device memory, and on a CPU the
-    "device" and the host are one RSS.
+    shape: the model the bench measured (``--config``); default: the row's ``model``
+    column, else the bench's default model. kv_offload rows are left out: the planner
+    predicts device memory, and on a CPU the "device" and the host are one RSS.
     """
     out = []
     for row in rows:
-        if row["status"] != "ok" or not row.get("peak_mib") or row.get("kv_offload"):
+        if row["status"] != "ok" or not row.get("peak_mib") or _flag(row.get("kv_offload")):
             continue
-        predicted = estimate(_bench_shape(row), setup_from_bench_row(row)).step_bytes / MIB
+        predicted = estimate(shape or _bench_shape(row), setup_from_bench_row(row)).step_bytes / MIB
         measured = float(row["peak_mib"])
         out.append({"label": row["label"], "seq_len": int(row["seq_len"]), "measured_mib": measured,
                     "predicted_mib": predicted, "error": predicted / measured - 1})  # fmt: skip

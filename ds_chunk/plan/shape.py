@@ -105,9 +105,18 @@ def _load_config(source: str | Path) -> dict:
         path = path / "config.json"
     if path.is_file():
         return json.loads(path.read_text())
+    if path.suffix == ".json" or path.parent.is_dir() and str(path.parent) not in ("", "."):
+        raise FileNotFoundError(f"model config not found: {source}")
     from transformers import AutoConfig  # needs the network (or the local HF cache)
 
-    return AutoConfig.from_pretrained(str(source)).get_text_config().to_dict()
+    try:
+        return AutoConfig.from_pretrained(str(source)).get_text_config().to_dict()
+    except OSError as e:  # offline, or no such model: one line, not the hub's traceback
+        names = ", ".join(NAMED_SHAPES)
+        raise FileNotFoundError(
+            f"model config not found: {source} is no file or folder here, not a known shape ({names}), "
+            f"and the hub gave no config for it ({type(e).__name__})"
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,96 @@
+"""What a training run writes as it goes: ``metrics.jsonl``, a progress bar, and the
+experiment trackers accelerate supports (tensorboard, wandb, mlflow, ...).
+
+Every record in ``<output-dir>/metrics.jsonl`` carries the id of the run that wrote it,
+and each run starts with a ``{"event": "run", ...}`` record (its arguments, the step it
+starts from, the checkpoint it resumed), so several runs into one folder stay apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+BAR_KEYS = ("loss", "tok/s", "peak_gb", "host_gb", "replayed")
+
+
+def tracker_names(report_to: list[str]) -> list[str]:
+    """Validate ``--report-to``: "none", "all" (every installed tracker) or names accelerate knows."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = [str(t) for t in get_available_trackers()]
+    if report_to in ([], ["none"]):
+        return []
+    if "all" in report_to:
+        return available
+    for name in report_to:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            known = ", ".join(["none", "all", *LOGGER_TYPE_TO_CLASS])
+            raise ValueError(f"--report-to {name}: unknown tracker; expected one of {known}")
+        if name not in available:
+            raise ValueError(f"--report-to {name}: the {name} package is not installed (pip install {name})")
+    return list(dict.fromkeys(report_to))
+
+
+def _start_tracker(name: str, output_dir: str, run_id: str, hparams: dict):
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    cls = LOGGER_TYPE_TO_CLASS[name]
+    if cls.requires_logging_directory:  # e.g. tensorboard: <output-dir>/tb/<run id>
+        tracker = cls(run_id, os.path.join(output_dir, "tb" if name == "tensorboard" else name))
+    else:  # a project named after the output folder; wandb also names the run and keeps files there
+        extra = {"name": run_id, "dir": output_dir} if name == "wandb" else {}
+        tracker = cls(os.path.basename(os.path.abspath(output_dir)), **extra)
+    tracker.start()
+    tracker.store_init_configuration(hparams)
+    return tracker
+
+
+class RunLog:
+    """Rank 0: a tqdm bar, ``<output-dir>/metrics.jsonl`` and the trackers; other ranks: nothing."""
+
+    def __init__(self, output_dir: str, total: int, start: int, rank: int, run: dict, report_to: list[str]):
+        from tqdm import tqdm
+
+        self.rank, self.trackers = rank, []
+        self.run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        self.bar = tqdm(total=total, initial=start, disable=rank != 0, dynamic_ncols=True)
+        if rank != 0:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self.file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        self._write({"event": "run", "start_step": start, "total_steps": total, **run})
+        hparams = {k: v for k, v in run.get("args", {}).items() if isinstance(v, (int, float, str, bool))}
+        self.trackers = [_start_tracker(n, output_dir, self.run_id, hparams) for n in report_to]
+
+    def _write(self, record: dict) -> None:
+        self.file.write(json.dumps({"run": self.run_id, **record}) + "\n")
+        self.file.flush()
+
+    def log(self, record: dict, advance: bool = False) -> None:
+        """Write ``record`` (it has a "step"); ``advance``: a training step, shown on the bar."""
+        if self.rank != 0:
+            return
+        self._write(record)
+        numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        for tracker in self.trackers:
+            tracker.log(numbers, step=record["step"])
+        if advance:
+            self.bar.set_postfix({k: record[k] for k in BAR_KEYS if k in record}, refresh=False)
+            self.bar.update(1)
+        else:
+            self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def message(self, text: str) -> None:
+        """A line above the bar (rank 0)."""
+        if self.rank == 0:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.rank == 0:
+            for tracker in self.trackers:
+                tracker.finish()
+            self.file.close()
