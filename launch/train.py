@@ -19,7 +19,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 import warnings
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
-from ds_chunk import checkpoint  # noqa: E402
+from ds_chunk import checkpoint, run_folder  # noqa: E402
 from ds_chunk.config import OUR_BLOCKS, ChunkwiseConfig, ConfigError, warn_misspelled_blocks  # noqa: E402
 from ds_chunk.data import (  # noqa: E402
     NoSupervisedTokens,
@@ -42,6 +41,7 @@ from ds_chunk.data import (  # noqa: E402
     split_records,
 )
 from ds_chunk.model import load_tokenizer  # noqa: E402
+from ds_chunk.run_folder import default_output_dir, method_name, resume_point, save_base_model  # noqa: E402
 from ds_chunk.tracking import RunLog, tracker_names  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ds_configs", "recall_cpu.json")
@@ -338,73 +338,6 @@ def total_steps(args: argparse.Namespace, cfg: dict, num_examples: int) -> int:
     return max(1, math.ceil(args.epochs * per_epoch)) if args.epochs else DEFAULT_STEPS
 
 
-def method_name(chunkwise: ChunkwiseConfig) -> str:
-    if not chunkwise.enabled:
-        return "plain"
-    if chunkwise.truncate:
-        return "truncate"
-    if chunkwise.sparse is not None:
-        s = chunkwise.sparse
-        return f"spaco{s.rate if s.rate is not None else str(s.num_chunks) + 'of'}"
-    return "seco"
-
-
-def default_output_dir(args: argparse.Namespace, cfg: dict) -> str:
-    data = args.task if args.data is None else os.path.splitext(os.path.basename(args.data.rstrip("/")))[0]
-    return os.path.join("runs", f"{data.replace(':', '_')}-{method_name(ChunkwiseConfig.from_dict(cfg['chunkwise']))}")
-
-
-def resume_point(args: argparse.Namespace) -> str | None:
-    """The checkpoint to continue from, or None for a fresh run; refuses to start a fresh run over
-    an earlier run's checkpoints (they would be mixed with, and rotated out by, the new ones)."""
-    ckpt_dir = os.path.join(args.output_dir, "checkpoints")
-    if args.resume_from:
-        return checkpoint.find(args.resume_from)
-    if args.resume:
-        found = checkpoint.latest(ckpt_dir)
-        if found is None and args.resume == "yes":
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (--resume auto starts fresh if none)")
-        return found
-    existing = checkpoint.steps(ckpt_dir)
-    if existing and not args.overwrite_output_dir:
-        raise ValueError(
-            f"{args.output_dir} already holds checkpoints (newest: step {existing[-1][0]}): pass --resume to "
-            "continue that run, --overwrite-output-dir to start over, or another --output-dir"
-        )
-    return None
-
-
-def clear_output_dir(output_dir: str, rank: int) -> None:
-    """--overwrite-output-dir: an earlier run's checkpoints, metrics and tracker logs go (rank 0)."""
-    if rank == 0:
-        for name in ("checkpoints", "metrics.jsonl", "tb", "base_model"):
-            path = os.path.join(output_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-
-
-def save_base_model(engine, cfg: dict, output_dir: str, rank: int) -> None:
-    """A LoRA adapter on a model built from a config points at a base nobody can load (a
-    random init, or the temporary folder it was quantized through): save that base once as
-    <output-dir>/base_model and point the adapter's base_model_name_or_path at it."""
-    model = engine.hf_model
-    if "config" not in cfg["model"] or not hasattr(model, "peft_config"):
-        return
-    path = os.path.abspath(os.path.join(output_dir, "base_model"))
-    if rank == 0 and not os.path.isfile(os.path.join(path, "config.json")):
-        from ds_chunk.model import ModelConfig, build_base
-
-        tmp = path + ".tmp"  # written whole, then renamed into place
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_base(ModelConfig.from_dict(cfg["model"])).save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    for peft_config in model.peft_config.values():
-        peft_config.base_model_name_or_path = path
-
-
 # ---- the loop ----------------------------------------------------------------------------
 
 
@@ -434,10 +367,10 @@ def train(args: argparse.Namespace, engine, train_data, eval_data, steps: int, r
         if start >= steps:
             raise ValueError(f"{resume} is at step {start}, already at --max-steps {steps}: nothing to train")
     elif args.overwrite_output_dir:
-        clear_output_dir(args.output_dir, rank)
+        run_folder.clear(args.output_dir, rank)
     saving = args.save_every > 0 or args.save_final
     if saving:
-        save_base_model(engine, cfg, args.output_dir, rank)
+        save_base_model(engine.hf_model, cfg["model"], args.output_dir, rank)
     run = {"resumed_from": resume, "world_size": world, "args": vars(args), "ds_config": cfg}
     log, history = RunLog(args.output_dir, steps, start, rank, run, tracker_names(args.report_to)), []
     log.message(
@@ -493,8 +426,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     cfg = load_config(args)
-    args.output_dir = args.output_dir or default_output_dir(args, cfg)
-    resume = resume_point(args)  # before any compute: a wrong --resume costs nothing
+    chunkwise = ChunkwiseConfig.from_dict(cfg["chunkwise"])
+    args.output_dir = args.output_dir or default_output_dir(args.data or args.task, chunkwise)
+    # before any compute: a wrong --resume costs nothing
+    resume = resume_point(args.output_dir, args.resume, args.resume_from, args.overwrite_output_dir)
     train_data, eval_data = build_data(args, cfg)
     steps = total_steps(args, cfg, len(train_data))
     engine = build_engine(cfg, lr_schedule(args, cfg, steps))

@@ -135,7 +135,8 @@ def test_metrics_of_each_run_are_marked(tmp_path):
 def test_default_output_dir_tells_runs_apart():
     def out(*flags):
         args = train.parse_args(list(flags))
-        return train.default_output_dir(args, train.load_config(args))
+        chunkwise = train.ChunkwiseConfig.from_dict(train.load_config(args)["chunkwise"])
+        return train.default_output_dir(args.data or args.task, chunkwise)
 
     assert out() == os.path.join("runs", "recall-seco")
     assert out("--truncate") == os.path.join("runs", "recall-truncate")
