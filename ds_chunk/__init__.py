@@ -20,6 +20,8 @@ _LAZY = {
     "initialize": "ds_chunk.engine",
     "ChunkwiseEngine": "ds_chunk.engine",
     "ChunkedLM": "ds_chunk.engine",
+    "ChunkwiseTrainer": "ds_chunk.hf",
+    "with_chunkwise": "ds_chunk.hf",
 }
 
 __all__ = [
@@ -28,15 +30,18 @@ __all__ = [
     "ChunkScheduler",
     "ChunkwiseConfig",
     "ChunkwiseEngine",
+    "ChunkwiseTrainer",
     "ConfigError",
     "SparseConfig",
     "UnsupportedModelError",
     "initialize",
+    "with_chunkwise",
 ]
 
 if TYPE_CHECKING:
     from ds_chunk.adapter import UnsupportedModelError
     from ds_chunk.engine import ChunkedLM, ChunkwiseEngine, initialize
+    from ds_chunk.hf import ChunkwiseTrainer, with_chunkwise
     from ds_chunk.scheduler import ChunkResult, ChunkScheduler
 
 

@@ -12,8 +12,10 @@ several backwards without that flag keep only the last one's gradient.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,58 +28,111 @@ from ds_chunk.ops import announce_op_builds
 from ds_chunk.scheduler import ChunkScheduler
 
 
-class ChunkedLM(nn.Module):
-    """The module DeepSpeed wraps: the HF model, plus a one-chunk decoder mode.
+def chunk_forward(module: nn.Module, *args, chunk_inputs: dict | None = None, sync_zero: bool = False, **kwargs):
+    """The forward an engine runs, with the two modes chunk-wise training needs.
 
-    ``forward(**kw)`` is the HF model's forward. ``forward(chunk_inputs=kw)`` runs only
-    the decoder on one chunk and returns (hidden [B, C, H], the chunk's fresh K/V):
-    the K/V are outputs so DeepSpeed's backward hooks fire even for a chunk whose only
-    gradient is the one carried into its K/V.
+    ``chunk_inputs=kw`` runs only the decoder on one chunk and returns (hidden [B, C, H],
+    the chunk's fresh K/V): the K/V are outputs so DeepSpeed's backward hooks fire even
+    for a chunk whose only gradient is the one carried into its K/V. ``sync_zero=True``
+    returns 0 * (one element of each trainable parameter), the step's boundary backward
+    (see ``boundary_backward``). Anything else is the module's own forward.
     """
+    if sync_zero:
+        return 0.0 * sum(p.reshape(-1)[0] for p in module.parameters() if p.requires_grad)
+    if chunk_inputs is None:
+        return module(*args, **kwargs)
+    hidden = module.get_decoder()(**chunk_inputs)[0]
+    cache = next(v for v in chunk_inputs.values() if isinstance(v, ChunkCache))
+    return hidden, [t for kv in cache.fresh.values() for t in kv]
+
+
+class ChunkedLM(nn.Module):
+    """The module DeepSpeed wraps: the HF model, plus the modes of ``chunk_forward``."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, *args, chunk_inputs: dict | None = None, sync_zero: bool = False, **kwargs):
-        if sync_zero:  # 0 * (one element of each trainable parameter): see ChunkwiseEngine._sync_backward
-            return 0.0 * sum(p.reshape(-1)[0] for p in self.parameters() if p.requires_grad)
-        if chunk_inputs is None:
-            return self.module(*args, **kwargs)
-        hidden = self.module.get_decoder()(**chunk_inputs)[0]
-        cache = next(v for v in chunk_inputs.values() if isinstance(v, ChunkCache))
-        return hidden, [t for kv in cache.fresh.values() for t in kv]
+    def forward(self, *args, **kwargs):
+        return chunk_forward(self.module, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def chunk_modes(module: nn.Module) -> Iterator[None]:
+    """Give ``module`` (the model inside an engine or DDP wrapper that is not a ChunkedLM,
+    e.g. the one HF Trainer prepared) the modes of ``chunk_forward`` inside the block, so
+    chunk forwards still run through the wrapper's own forward and hooks."""
+    own = module.__dict__.get("forward")  # accelerate may have set one (autocast)
+    original = own if own is not None else type(module).forward.__get__(module)
+
+    def forward(*args, chunk_inputs: dict | None = None, sync_zero: bool = False, **kwargs):
+        if chunk_inputs is None and not sync_zero:
+            return original(*args, **kwargs)
+        return chunk_forward(module, chunk_inputs=chunk_inputs, sync_zero=sync_zero)
+
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+
+
+def check_engine(engine) -> None:
+    """Refuse the DeepSpeed setups chunk-wise training cannot run exactly, naming the key."""
+    if engine.zero_optimization_stage() == 3:
+        raise ValueError(
+            "zero_optimization.stage = 3 is not supported by ds_chunk: ranks that run different numbers of "
+            "chunk forwards would deadlock in ZeRO-3's parameter all-gather. Use stage 2 with "
+            '"offload_optimizer": {"device": "cpu"} instead.'
+        )
+    refuse_fp16(engine.fp16_enabled())
+    if type(engine.optimizer).__name__ == "BF16_Optimizer":
+        # it clears low-precision grads in a prologue that runs after our LM head's
+        # gradient has been written, losing it
+        raise ValueError(
+            "DeepSpeed's BF16_Optimizer (bf16 with ZeRO stage 0, or data_types.grad_accum_dtype) is not "
+            "supported by ds_chunk: use bf16 with zero_optimization.stage 1 or 2"
+        )
+    if engine.dp_world_size > 1 and (
+        engine.zero_optimization_stage() == 2 or engine.zero_optimization_stage() == 1 and engine.zero_overlap_comm()
+    ):
+        # these reduce gradients inside every backward, so ranks would have to run the
+        # same chunk backwards in the same order; ours differ (own labels, own draws)
+        raise ValueError(
+            "zero_optimization.stage = 2 (or stage 1 with overlap_comm) on several ranks is not supported by "
+            "ds_chunk: use stage 1 (LoRA gradients are small, so stage 2 saves little), with offload_optimizer"
+        )
+
+
+def chunk_backward(engine, scalar: torch.Tensor) -> None:
+    """One chunk's backward: never the accumulation boundary (that is ``boundary_backward``)."""
+    engine.set_gradient_accumulation_boundary(False)  # read during backward: set before each
+    engine.backward(scalar, scale_wrt_gas=False)  # we normalise by the step's token count
+
+
+def boundary_backward(engine) -> None:
+    """The step's boundary backward: an exact zero through every trainable parameter.
+
+    Chunk backwards differ in which parameters they reach (a chunk without loss skips
+    the LM head, or the last layer's adapters) and in number across ranks (their own
+    labels and SpaCO draws). DeepSpeed reduces gradients, and with offload moves them
+    to the optimizer, for the parameters whose hooks fire in the boundary backward:
+    ending every step with the same backward on every rank, through every parameter,
+    makes that complete and identical. It goes through engine(...) so DeepSpeed's
+    backward prologue runs (the engine's module must have ``chunk_forward``'s modes).
+    """
+    engine.set_gradient_accumulation_boundary(True)
+    engine.backward(engine(sync_zero=True), scale_wrt_gas=False)
 
 
 class ChunkwiseEngine:
     """A DeepSpeed engine plus ``train_batch``; every other attribute is the engine's own."""
 
     def __init__(self, engine, chunkwise: ChunkwiseConfig):
-        if engine.zero_optimization_stage() == 3:
-            raise ValueError(
-                "zero_optimization.stage = 3 is not supported by ds_chunk: ranks that run different numbers of "
-                "chunk forwards would deadlock in ZeRO-3's parameter all-gather. Use stage 2 with "
-                '"offload_optimizer": {"device": "cpu"} instead.'
-            )
-        refuse_fp16(engine.fp16_enabled())
-        if type(engine.optimizer).__name__ == "BF16_Optimizer":
-            # it clears low-precision grads in a prologue that runs after our LM head's
-            # gradient has been written, losing it
-            raise ValueError(
-                "DeepSpeed's BF16_Optimizer (bf16 with ZeRO stage 0, or data_types.grad_accum_dtype) is not "
-                "supported by ds_chunk: use bf16 with zero_optimization.stage 1 or 2"
-            )
-        if engine.dp_world_size > 1 and (
-            engine.zero_optimization_stage() == 2
-            or engine.zero_optimization_stage() == 1
-            and engine.zero_overlap_comm()
-        ):
-            # these reduce gradients inside every backward, so ranks would have to run the
-            # same chunk backwards in the same order; ours differ (own labels, own draws)
-            raise ValueError(
-                "zero_optimization.stage = 2 (or stage 1 with overlap_comm) on several ranks is not supported by "
-                "ds_chunk: use stage 1 (LoRA gradients are small, so stage 2 saves little), with offload_optimizer"
-            )
+        check_engine(engine)
         if not isinstance(engine.module, ChunkedLM):
             raise TypeError("wrap the model with ds_chunk.ChunkedLM before deepspeed.initialize / accelerator.prepare")
         self.engine = engine
@@ -99,23 +154,10 @@ class ChunkwiseEngine:
         return self.engine.module.module
 
     def _backward(self, scalar: torch.Tensor, is_last: bool) -> None:
-        # Never the boundary: that is the step's final sync backward (see _sync_backward).
-        self.engine.set_gradient_accumulation_boundary(False)  # read during backward: set before each
-        self.engine.backward(scalar, scale_wrt_gas=False)  # we normalise by the step's token count
+        chunk_backward(self.engine, scalar)
 
     def _sync_backward(self) -> None:
-        """The step's boundary backward: an exact zero through every trainable parameter.
-
-        Chunk backwards differ in which parameters they reach (a chunk without loss skips
-        the LM head, or the last layer's adapters) and in number across ranks (their own
-        labels and SpaCO draws). DeepSpeed reduces gradients, and with offload moves them
-        to the optimizer, for the parameters whose hooks fire in the boundary backward:
-        ending every step with the same backward on every rank, through every parameter,
-        makes that complete and identical. It goes through engine(...) so DeepSpeed's
-        backward prologue runs.
-        """
-        self.engine.set_gradient_accumulation_boundary(True)
-        self.engine.backward(self.engine(sync_zero=True), scale_wrt_gas=False)
+        boundary_backward(self.engine)
 
     def _forward(self, kwargs: dict) -> torch.Tensor:
         return self.engine(chunk_inputs=kwargs)[0]

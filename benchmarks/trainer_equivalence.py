@@ -1,0 +1,82 @@
+"""ChunkwiseTrainer / with_chunkwise(SFTTrainer) against the parent, per setting: the relative
+errors behind README's table (the same runs as tests/test_hf.py, ~1 min on CPU).
+
+    python benchmarks/trainer_equivalence.py
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29571")
+import test_hf as t  # noqa: E402
+from models import tiny_model  # noqa: E402
+from transformers import Trainer  # noqa: E402
+
+from ds_chunk.hf import ChunkwiseTrainer, with_chunkwise  # noqa: E402
+
+
+def loss_err(a, b) -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(t._losses(a), t._losses(b)))
+
+
+def trainer_case(tmp, **args):
+    start = tiny_model("llama", dtype=torch.float32, seed=0)
+    parent = t._train(Trainer, f"{tmp}/a", args=t._args(f"{tmp}/a", **args))
+    ours = t._train(ChunkwiseTrainer, f"{tmp}/b", args=t._args(f"{tmp}/b", **args), chunkwise=t.CHUNK)
+    return loss_err(ours, parent), t._update_err(ours.model, parent.model, start)
+
+
+def lora_case(tmp):
+    from peft import LoraConfig, get_peft_model
+
+    def lora():
+        model = tiny_model("llama", dtype=torch.float32, seed=0)
+        return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+    start, parent = lora(), t._train(Trainer, f"{tmp}/a", model=lora())
+    ours = t._train(ChunkwiseTrainer, f"{tmp}/b", model=lora(), chunkwise=t.CHUNK)
+    return loss_err(ours, parent), t._update_err(ours.model, parent.model, start)
+
+
+def deepspeed_case(tmp, offload):
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+           "gradient_clipping": "auto", "zero_optimization": {"stage": 2}, "chunkwise": t.CHUNK}  # fmt: skip
+    if offload:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    else:
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    path = f"{tmp}/ds.json"
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return trainer_case(tmp, deepspeed=path)
+
+
+def sft_case(tmp, mode):
+    from trl import SFTTrainer
+
+    parent, start = t._sft(SFTTrainer, f"{tmp}/a", mode)
+    ours, _ = t._sft(with_chunkwise(SFTTrainer), f"{tmp}/b", mode, chunkwise=t.CHUNK)
+    return loss_err(ours, parent), t._update_err(ours.model, parent.model, start)
+
+
+CASES = [
+    ("Trainer", "plain", lambda d: trainer_case(d)),
+    ("Trainer", "bf16 autocast (both sides)", lambda d: trainer_case(d, bf16=True)),
+    ("Trainer", "peft LoRA", lora_case),
+    ("Trainer", "DeepSpeed ZeRO-2 from a JSON with the block", lambda d: deepspeed_case(d, False)),
+    ("Trainer", "same + offload_optimizer", lambda d: deepspeed_case(d, True)),
+    *[("SFTTrainer", mode, lambda d, m=mode: sft_case(d, m)) for mode in t.SFT_MODES],
+]
+
+rows = []
+for parent, setting, case in CASES:
+    with tempfile.TemporaryDirectory() as tmp:
+        rows.append((parent, setting, *case(tmp)))
+print("| parent | setting | losses | weight updates |\n|---|---|---:|---:|")
+for parent, setting, losses, updates in rows:
+    print(f"| {parent} | {setting} | {losses:.1e} | {updates:.1e} |")

@@ -1,0 +1,336 @@
+"""Chunk-wise training inside HF ``transformers.Trainer`` and its subclasses (TRL's ``SFTTrainer``).
+
+    from ds_chunk.hf import ChunkwiseTrainer, with_chunkwise
+
+    trainer = ChunkwiseTrainer(model=model, args=TrainingArguments(..., deepspeed="ds.json"), ...)
+    trainer = with_chunkwise(trl.SFTTrainer)(model=model, args=SFTConfig(...), chunkwise={"chunk_size": 512})
+
+The training step runs ``ChunkScheduler`` (SeCO / SpaCO) instead of one full forward and
+backward; everything around it (data, optimizer, schedule, clipping, logging, saving,
+resuming) is the parent's. The loss is normalised exactly as the parent's
+``compute_loss`` would (by ``num_items_in_batch`` across gradient accumulation and
+devices), so the trained weights and the logged loss equal the parent's. Under
+DeepSpeed the chunk backwards never reach accelerate's ``backward`` (which would step the
+engine each time): they go to the engine with the accumulation boundary off, and the
+Trainer step's last micro-batch ends with one boundary backward and one ``engine.step()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from ds_chunk.adapter import UnsupportedModelError, check_supported, unwrap
+from ds_chunk.config import ChunkwiseConfig
+from ds_chunk.engine import boundary_backward, check_engine, chunk_backward, chunk_modes
+from ds_chunk.scheduler import ChunkScheduler
+
+logger = logging.getLogger("ds_chunk")
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels")  # what a chunk-wise step passes on
+
+
+class ChunkwiseTrainerError(ValueError):
+    """A Trainer option that chunk-wise training cannot reproduce; the message names it."""
+
+
+def _defining_class(cls: type, name: str) -> type:
+    return next(c for c in cls.__mro__ if name in vars(c))
+
+
+def _parent(cls: type) -> type:
+    """The Trainer class that ``with_chunkwise`` made ``cls`` from."""
+    return next(c for c in cls.__mro__[1:] if not issubclass(c, _ChunkwiseMixin))
+
+
+def _is_sft(cls: type) -> bool:
+    return cls.__name__ == "SFTTrainer" and cls.__module__.startswith("trl.")
+
+
+def resolve_config(chunkwise, ds_config) -> ChunkwiseConfig | None:
+    """The ``chunkwise`` block from ``chunkwise=`` (dict or ChunkwiseConfig), else from the
+    DeepSpeed config of the TrainingArguments (path or dict); None when neither has one."""
+    if isinstance(chunkwise, ChunkwiseConfig):
+        return chunkwise
+    if chunkwise is not None:
+        return ChunkwiseConfig.from_dict(chunkwise)
+    if ds_config is None:
+        return None
+    source = None if isinstance(ds_config, dict) else str(ds_config)
+    if source is not None:
+        with open(source) as f:
+            ds_config = json.load(f)
+    config = ChunkwiseConfig.from_ds_config(ds_config, source)  # warns on a misspelled block name
+    return config if "chunkwise" in ds_config else None
+
+
+class _ChunkwiseMixin:
+    """The chunk-wise training step, evaluation and checks; put in front of a Trainer class."""
+
+    def __init__(self, *args, chunkwise: ChunkwiseConfig | dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        config = resolve_config(chunkwise, self.args.deepspeed)
+        parent = _parent(type(self)).__name__
+        self.chunkwise = config if config is not None and config.enabled else None
+        if self.chunkwise is None:
+            why = "chunkwise.enabled is false" if config is not None else "no chunkwise block (chunkwise= or deepspeed)"
+            logger.warning(f"ds_chunk: {why}: training exactly as {parent}")
+            return
+        self._refuse_what_cannot_be_chunked()
+        self._scheduler = ChunkScheduler(self.chunkwise)
+        self._micro = 0  # micro-batch index inside the current optimizer step (SpaCO's draw)
+        self._driver = None  # made at the first step, once accelerate has wrapped the model
+
+    # ---- what cannot be chunked --------------------------------------------------------
+
+    def _refuse_what_cannot_be_chunked(self) -> None:
+        args, cls = self.args, type(self)
+        name = _parent(cls).__name__
+
+        def refuse(option: str, why: str) -> None:
+            raise ChunkwiseTrainerError(f"{name} with ds_chunk: {option}: {why}")
+
+        if self.compute_loss_func is not None:
+            refuse(
+                "compute_loss_func is set",
+                "ds_chunk computes the causal-LM cross-entropy chunk by chunk and "
+                "cannot reproduce a custom loss; drop the chunkwise block or the custom loss",
+            )
+        loss_owner = _defining_class(cls, "compute_loss")
+        if loss_owner is not transformers.Trainer and not _is_sft(loss_owner):
+            refuse(
+                f"{loss_owner.__name__}.compute_loss is overridden",
+                "a custom loss cannot be reproduced chunk "
+                "by chunk; chunk-wise training computes the causal-LM cross-entropy of the labels",
+            )
+        if args.label_smoothing_factor:
+            refuse(f"label_smoothing_factor = {args.label_smoothing_factor}", "not supported; set it to 0")
+        if args.fp16:
+            refuse(
+                "fp16 = True",
+                "the loss scaler would scale the KV gradient carried between chunks twice; use bf16 = True",
+            )
+        if args.n_gpu > 1:
+            refuse(f"n_gpu = {args.n_gpu} (nn.DataParallel)", "launch one process per GPU (torchrun, accelerate)")
+        gc_kwargs = args.gradient_checkpointing_kwargs or {}
+        if args.gradient_checkpointing and gc_kwargs.get("use_reentrant"):
+            refuse(
+                "gradient_checkpointing_kwargs use_reentrant = True",
+                "the KV gradient carried between chunks "
+                "never reaches the parameters through reentrant checkpointing; use use_reentrant = False",
+            )
+        pc = getattr(self.accelerator, "parallelism_config", None)
+        if pc is not None and (getattr(pc, "sp_enabled", False) or getattr(pc, "cp_enabled", False)):
+            refuse(
+                "parallelism_config (sequence / context parallelism)",
+                "shards the sequence itself; chunk-wise training splits it in time instead: use one or the other",
+            )
+        if _is_sft(loss_owner):
+            if getattr(args, "loss_type", "nll") != "nll":
+                refuse(f"loss_type = {args.loss_type!r}", "only 'nll' (cross-entropy) is chunked")
+            if getattr(self, "padding_free", False):
+                refuse(
+                    "padding_free / packing_strategy 'bfd'",
+                    "position_ids restart inside a row (several "
+                    "documents per row): not chunked exactly; use packing=False or packing_strategy='wrapped'",
+                )
+            if getattr(self, "aux_loss_enabled", False):
+                refuse("router_aux_loss_coef (MoE load-balancing loss)", "not chunked yet; set it to 0")
+            if getattr(args, "activation_offloading", False):
+                refuse("activation_offloading = True", 'use "chunkwise": {"kv_offload": true} instead')
+        try:
+            check_supported(unwrap(self.model), 1)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"{name} with ds_chunk: {e}") from None
+
+    # ---- the training step ---------------------------------------------------------------
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        if self.chunkwise is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        ids, labels, mask = self._chunk_inputs(self._prepare_inputs(inputs))
+        driver = self._driver = self._driver or _driver_for(model, self.accelerator)
+        sync = self.accelerator.sync_gradients  # the Trainer step's last micro-batch
+        step = self.state.global_step * self.args.gradient_accumulation_steps + self._micro
+        with self.compute_loss_context_manager(), self.accelerator.autocast(), driver.modes():
+            result = self._scheduler.backward(
+                unwrap(model),
+                ids,
+                labels,
+                mask,
+                num_tokens=self._normalizer(labels, ids, mask, num_items_in_batch),
+                boundary=False,
+                step=step,
+                rank=self.args.process_index,
+                backward_fn=driver.backward,
+                forward_fn=driver.forward,
+            )
+            if sync:
+                driver.end_step()
+        self._micro = 0 if sync else self._micro + 1
+        return torch.tensor(float(result.loss), dtype=torch.float32, device=self.args.device)
+
+    def _chunk_inputs(self, inputs: dict) -> tuple:
+        """(input_ids, labels, attention_mask); refuses inputs a chunk-wise step would drop."""
+        position_ids = inputs.get("position_ids")
+        if position_ids is not None:
+            arange = torch.arange(position_ids.shape[-1], device=position_ids.device)
+            if not bool((position_ids == arange).all()):
+                raise ChunkwiseTrainerError(
+                    "inputs['position_ids'] restart inside a row (packed documents): not chunked exactly; "
+                    "use packing=False or packing_strategy='wrapped' (SFTConfig), or a collator without them"
+                )
+        extra = sorted(set(inputs) - set(MODEL_INPUTS) - {"position_ids", "use_cache", "num_items_in_batch"})
+        if extra:
+            raise ChunkwiseTrainerError(
+                f"inputs {extra}: a chunk-wise step passes only {', '.join(MODEL_INPUTS)} to the model; "
+                "these would be dropped (shift_labels: use labels; token_type_ids: not a causal-LM input)"
+            )
+        if "input_ids" not in inputs:
+            raise ChunkwiseTrainerError("inputs have no 'input_ids' (inputs_embeds is not chunked)")
+        return inputs["input_ids"], inputs.get("labels"), inputs.get("attention_mask")
+
+    def _normalizer(self, labels, ids, mask, num_items_in_batch) -> float:
+        """What the parent's loss divides the micro-batch's summed token CE by (per rank)."""
+        if num_items_in_batch is not None:  # model-side normalisation over the whole step
+            scale = (
+                self.accelerator.num_processes // self.get_tp_size() if self.args.average_tokens_across_devices else 1
+            )
+            return float(num_items_in_batch) / scale
+        from ds_chunk.chunking import IGNORE_INDEX, prepare_labels
+
+        count = int((prepare_labels(ids, labels, mask) != IGNORE_INDEX).sum())  # the micro-batch mean ...
+        return float(count * self.current_gradient_accumulation_steps)  # ... divided by the accumulation steps
+
+    # ---- evaluation ---------------------------------------------------------------------
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Chunk-wise loss without gradients, in one chunk's memory (the parent's full forward
+        when logits are asked for, e.g. by ``compute_metrics``)."""
+        if self.chunkwise is None or not prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        from ds_chunk.evaluate import evaluate
+
+        ids, labels, mask = self._chunk_inputs(self._prepare_inputs(inputs))
+        with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
+            metrics = evaluate(
+                unwrap(model), [{"input_ids": ids, "labels": labels, "attention_mask": mask}], self.chunkwise.chunk_size
+            )
+        return torch.tensor(metrics["loss"], device=self.args.device), None, None
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.chunkwise is not None:
+            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+            loss = output.metrics.get(f"{prefix}_loss")
+            if loss is not None:
+                output.metrics[f"{prefix}_perplexity"] = math.exp(min(loss, 50.0))
+        return output
+
+
+# ---- how a step's backwards reach the parameters -------------------------------------------
+
+
+class _Plain:
+    """One process, no DeepSpeed: each chunk backward adds into .grad; the Trainer clips and steps."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+
+    forward = None  # the model's own decoder
+
+    def backward(self, scalar: torch.Tensor, is_last: bool) -> None:
+        self.accelerator.backward(scalar)  # the Trainer's accelerator: no accumulation scaling, no loss scaler
+
+    def modes(self):
+        return contextlib.nullcontext()
+
+    def end_step(self) -> None:
+        pass
+
+
+class _DataParallel(_Plain):
+    """DistributedDataParallel: chunk backwards without communication, then one backward of an
+    exact zero through DDP's forward, which reduces the accumulated gradients once."""
+
+    def __init__(self, accelerator, ddp: nn.Module):
+        super().__init__(accelerator)
+        self.ddp = ddp
+
+    def backward(self, scalar: torch.Tensor, is_last: bool) -> None:
+        with self.ddp.no_sync():
+            scalar.backward()
+
+    def modes(self):
+        return chunk_modes(self.ddp.module)
+
+    def end_step(self) -> None:
+        self.ddp(sync_zero=True).backward()
+
+
+class _DeepSpeed(_Plain):
+    """The DeepSpeed engine the Trainer prepared: chunk forwards through the engine, backwards
+    with the accumulation boundary off, then the boundary backward and one engine.step()."""
+
+    def __init__(self, accelerator, engine):
+        super().__init__(accelerator)
+        check_engine(engine)
+        self.engine = engine
+
+    def forward(self, kwargs: dict) -> torch.Tensor:
+        return self.engine(chunk_inputs=kwargs)[0]
+
+    def backward(self, scalar: torch.Tensor, is_last: bool) -> None:
+        chunk_backward(self.engine, scalar)
+
+    def modes(self):
+        return chunk_modes(self.engine.module)
+
+    def end_step(self) -> None:
+        boundary_backward(self.engine)
+        self.engine.step()  # the Trainer's optimizer.step() / lr_scheduler.step() are no-ops under DeepSpeed
+
+
+def _driver_for(model: nn.Module, accelerator) -> _Plain:
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return _DeepSpeed(accelerator, model)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return _DataParallel(accelerator, model)
+    if accelerator.num_processes > 1:
+        raise ChunkwiseTrainerError(f"distributed type {accelerator.distributed_type} is not supported by ds_chunk")
+    return _Plain(accelerator)
+
+
+# ---- the classes ---------------------------------------------------------------------------
+
+_MADE: dict[type, type] = {}
+
+
+def with_chunkwise(trainer_cls: type) -> type:
+    """A subclass of ``trainer_cls`` (``transformers.Trainer`` or a subclass keeping
+    ``training_step``'s contract, e.g. ``trl.SFTTrainer``) whose training step is chunk-wise;
+    it takes one more keyword, ``chunkwise=`` (a dict or ChunkwiseConfig)."""
+    if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, transformers.Trainer)):
+        raise TypeError(f"with_chunkwise needs a transformers.Trainer subclass, got {trainer_cls!r}")
+    if issubclass(trainer_cls, _ChunkwiseMixin):
+        return trainer_cls
+    if trainer_cls not in _MADE:
+        name = f"Chunkwise{trainer_cls.__name__}"
+        doc = f"{trainer_cls.__name__} with a chunk-wise (SeCO / SpaCO) training step; see ds_chunk.hf."
+        _MADE[trainer_cls] = type(name, (_ChunkwiseMixin, trainer_cls), {"__doc__": doc, "__module__": __name__})
+    return _MADE[trainer_cls]
+
+
+ChunkwiseTrainer = with_chunkwise(transformers.Trainer)
