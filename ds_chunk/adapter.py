@@ -1,17 +1,22 @@
-"""How ds_chunk drives an HF decoder-only model chunk by chunk.
+"""How ds_chunk drives an HF decoder-only model chunk by chunk, and what each family needs.
 
-Works through public transformers APIs only (``get_decoder``, ``get_output_embeddings``,
-the ``Cache`` protocol), so any decoder-only model on the Cache API runs unpatched:
-plain, peft-wrapped, bitsandbytes-quantized, or inside a DeepSpeed engine.
+Works through public transformers APIs (``get_decoder``, ``get_output_embeddings``, the
+``Cache`` protocol), so a decoder-only model on the Cache API runs unpatched: plain,
+peft-wrapped, bitsandbytes-quantized, or inside a DeepSpeed engine. What a family's
+``*ForCausalLM.forward`` does beyond "decoder, output embedding, cross-entropy" lives here,
+one entry per family: an elementwise logit transform (``LOGIT_TRANSFORMS``), RoPE
+frequencies that depend on the sequence length (``full_length_rope``). Anything else that
+would make the chunked gradient differ is refused by ``check_supported``, naming the class
+and the setting.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
-import sys
-import warnings
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -28,31 +33,130 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _config(model: nn.Module):
-    return getattr(model, "config", None)
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model itself: inside engine / DDP wrappers and peft's PeftModel."""
+    model = unwrap(model)
+    return unwrap(model.get_base_model()) if hasattr(model, "get_base_model") else model
+
+
+def text_config(model: nn.Module):
+    """The config of the language model (``get_text_config``: nested for multimodal wrappers)."""
+    cfg = getattr(model, "config", None)
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+# ---- what a family's forward does to the logits ----------------------------------------------
+
+# model_type -> (config attribute, transform(logits, value)): applied after the output
+# embedding by that family's *ForCausalLM.forward, elementwise, so the chunked loss applies it too.
+_SOFTCAP = ("final_logit_softcapping", lambda x, cap: torch.tanh(x / cap) * cap)
+_DIVIDE = ("logits_scaling", lambda x, s: x / s)
+_MULTIPLY = ("logit_scale", lambda x, s: x * s)
+LOGIT_TRANSFORMS = {
+    "gemma2": _SOFTCAP,
+    "gemma3_text": _SOFTCAP,
+    "gemma3n_text": _SOFTCAP,
+    "vaultgemma": _SOFTCAP,
+    "granite": _DIVIDE,
+    "granitemoe": _DIVIDE,
+    "granitemoeshared": _DIVIDE,
+    "cohere": _MULTIPLY,
+    "cohere2": _MULTIPLY,
+}
+# Config attributes that some family's forward applies to the logits: a family not in
+# LOGIT_TRANSFORMS with one of these set is refused (the same name means different things:
+# granite divides by logits_scaling, hyperclovax multiplies).
+LOGIT_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+
+
+def lm_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden [B, c, H] -> logits [B, c, V] as the model's own forward computes them: the
+    output embedding, then the family's elementwise logit transform, if any."""
+    head = unwrap(model).get_output_embeddings()
+    cfg = text_config(model)
+    attr, transform = LOGIT_TRANSFORMS.get(getattr(cfg, "model_type", None), (None, None))
+    value = getattr(cfg, attr, None) if attr else None
+    if value is None:
+        return head
+    return functools.partial(_transformed, head, transform, value)
+
+
+def _transformed(head: nn.Module, transform, value: float, hidden: torch.Tensor) -> torch.Tensor:
+    return transform(head(hidden), value)
+
+
+# ---- what cannot be chunked exactly --------------------------------------------------------
+
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}  # the K/V a chunk needs stay in the store
+KV_CACHE_NAMES = {"Cache", "DynamicCache"}  # annotations of a decoder that takes a KV cache
 
 
 def check_supported(model: nn.Module, seq_len: int) -> None:
     """Raise UnsupportedModelError unless chunk-wise replay is exact for this model."""
-    name = type(unwrap(getattr(model, "get_base_model", lambda: model)())).__name__
-    cfg = _config(model)
-    if cfg is None or not hasattr(model, "get_decoder") or not hasattr(model, "get_output_embeddings"):
+    base = base_model(model)
+    name = type(base).__name__
+    cfg = text_config(base)
+    if cfg is None or not hasattr(base, "get_decoder") or not hasattr(base, "get_output_embeddings"):
         raise UnsupportedModelError(f"{name}: not an HF causal LM (needs config, get_decoder, get_output_embeddings)")
-    if getattr(cfg, "is_encoder_decoder", False):
+    if getattr(base.config, "is_encoder_decoder", False) or getattr(cfg, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{name}: encoder-decoder models are not supported, only decoder-only LMs")
-    layer_types = getattr(cfg, "layer_types", None)
-    if layer_types is not None and set(layer_types) != {"full_attention"}:
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    if decoder is base or decoder is None or not any(decoder is m for m in base.modules() if m is not base):
+        raise UnsupportedModelError(f"{name}: get_decoder() does not return its decoder (a submodule of the model)")
+    if cfg is not base.config:
+        # a multimodal wrapper (its config nests a text config): its forward runs an inner
+        # model around the decoder that builds its own embeddings and masks (measured:
+        # Gemma3ForConditionalGeneration's text-only logits differ from its decoder's by 9e-3)
         raise UnsupportedModelError(
-            f"{name}: layer types {sorted(set(layer_types))} are not supported, only full causal attention"
+            f"{name}: a multimodal wrapper, whose forward runs more than its decoder ({type(decoder).__name__}); "
+            "train the language model alone (AutoModelForCausalLM.from_config(config.get_text_config()))"
         )
-    window = getattr(cfg, "sliding_window", None)
-    if window is not None and getattr(cfg, "use_sliding_window", True) and window < seq_len:
-        raise UnsupportedModelError(f"{name}: sliding-window attention ({window} < {seq_len} tokens) is not supported")
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
-        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+    if head is None or not any(head is m for m in base.children()):
+        raise UnsupportedModelError(
+            f"{name}: its LM head is more than the output embedding (get_output_embeddings() is not a direct "
+            "submodule: a transform runs before it), which ds_chunk does not reproduce"
+        )
+    _check_attention(name, cfg, seq_len)
+    _check_logits(name, cfg)
+    _check_cache(name, decoder)
+
+
+def _check_attention(name: str, cfg, seq_len: int) -> None:
+    layer_types = set(getattr(cfg, "layer_types", None) or ())
+    if layer_types - ATTENTION_LAYER_TYPES:
+        raise UnsupportedModelError(
+            f"{name}: layer types {sorted(layer_types - ATTENTION_LAYER_TYPES)} are not supported, only "
+            f"{sorted(ATTENTION_LAYER_TYPES)} (a recurrent state or chunked attention is not a KV cache)"
+        )
+    if getattr(cfg, "num_kv_shared_layers", 0):
+        raise UnsupportedModelError(
+            f"{name}: num_kv_shared_layers={cfg.num_kv_shared_layers} (layers reading another layer's K/V) "
+            "is not supported"
+        )
+    if getattr(cfg, "output_router_logits", False) and getattr(cfg, "router_aux_loss_coef", 0):
+        raise UnsupportedModelError(
+            f"{name}: output_router_logits=True with router_aux_loss_coef={cfg.router_aux_loss_coef}: the MoE "
+            "load-balancing loss is not chunked yet; set output_router_logits=False (or the coefficient to 0)"
+        )
+
+
+def _check_logits(name: str, cfg) -> None:
+    known = LOGIT_TRANSFORMS.get(getattr(cfg, "model_type", None), (None,))[0]
+    for attr in LOGIT_ATTRS:
+        if attr != known and getattr(cfg, attr, None) not in (None, 1, 1.0):
             raise UnsupportedModelError(f"{name}: {attr}={getattr(cfg, attr)} is applied outside the LM head")
-    if cache_kwarg(model.get_decoder()) is None:
+
+
+def _check_cache(name: str, decoder: nn.Module) -> None:
+    key = cache_kwarg(decoder)
+    if key is None:
         raise UnsupportedModelError(f"{name}: its decoder takes no KV cache argument")
+    annotation = inspect.signature(decoder.forward).parameters[key].annotation
+    other = set(re.findall(r"\w*Cache\w*", str(annotation))) - KV_CACHE_NAMES
+    if other:
+        raise UnsupportedModelError(
+            f"{name}: its decoder takes a {sorted(other)[0]} (a recurrent state), not a KV cache"
+        )
 
 
 def cache_kwarg(decoder: nn.Module) -> str | None:
@@ -61,92 +165,78 @@ def cache_kwarg(decoder: nn.Module) -> str | None:
     return next((n for n in ("cache", "past_key_values") if n in params), None)
 
 
+# ---- around a chunk-wise call ------------------------------------------------------------------
+
+
 @contextlib.contextmanager
 def cache_under_checkpointing(model: nn.Module) -> Iterator[None]:
-    """Let HF gradient checkpointing keep our cache during the replay.
+    """Let HF gradient checkpointing keep our cache during the replay, non-reentrant.
 
     HF drops the cache in checkpointed layers (a writing cache would be updated again
     by the recompute). Ours is a pure function of the KV store during the replay, so the
-    recompute reads the same prefix: tell those layers they may keep it.
+    recompute reads the same prefix: tell those layers they may keep it. Reentrant
+    checkpointing would cut the carried K/V gradient (K/V stored under no_grad have no
+    grad_fn inside its recompute), so a layer configured with it is switched to
+    non-reentrant for the call: the same gradient, exactly.
     """
     layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    funcs = {m: m.__dict__.get("_gradient_checkpointing_func") for m in layers}
     for m in layers:
         m._can_checkpoint_with_cache = True
+        func = funcs[m]
+        if isinstance(func, functools.partial) and func.keywords.get("use_reentrant", False):
+            keywords = {**func.keywords, "use_reentrant": False}
+            m._gradient_checkpointing_func = functools.partial(func.func, *func.args, **keywords)
     try:
         yield
     finally:
         for m in layers:
             del m._can_checkpoint_with_cache
+            if funcs[m] is not None:
+                m._gradient_checkpointing_func = funcs[m]
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model takes, or None: dynamic RoPE rescales past
+    ``max_position_embeddings``, which is what it is for."""
+    cfg = text_config(model)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    per_layer_type = rope and all(isinstance(r, dict) for r in rope.values())  # Gemma 3: one per layer type
+    kinds = [r.get("rope_type") for r in rope.values()] if per_layer_type else [rope.get("rope_type")]
+    if any("dynamic" in str(kind) for kind in kinds):
+        return None
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def _length_dependent_rope(module: nn.Module) -> list[str | None]:
+    """The layer types (None: the only one) whose RoPE frequencies depend on the sequence length."""
+    rope_type = getattr(module, "rope_type", None)
+    if rope_type is None or not hasattr(type(module).forward, "__wrapped__"):
+        return []
+    types = rope_type.items() if isinstance(rope_type, dict) else [(None, rope_type)]
+    return [layer for layer, kind in types if kind == "longrope" or "dynamic" in str(kind)]
 
 
 @contextlib.contextmanager
-def no_cpu_inference_packing(model: nn.Module) -> Iterator[None]:
-    """Keep bitsandbytes 4-bit layers out of their CPU inference-only weight layout.
+def full_length_rope(model: nn.Module, seq_len: int) -> Iterator[None]:
+    """RoPE frequencies of the whole sequence for every chunk.
 
-    bitsandbytes (0.50, CPUs with AVX512-BF16) repacks a ``Linear4bit`` weight in place
-    when the layer is in eval mode and gets an input without grad, as the no-grad pass
-    does; every later call then takes an inference kernel whose gradients are wrong.
-    We switch that repacking off while we run, and undo any packing already done.
+    longrope (short or long factors) and dynamic RoPE pick their frequencies per forward
+    call from max(position_ids) + 1, so an early chunk alone would use those of a short
+    sequence. Inside the block each such rotary module is set once for ``seq_len`` tokens
+    and then runs without the per-call update (transformers' undecorated forward).
     """
-    bnb = sys.modules.get("bitsandbytes")
-    if bnb is None:  # not imported, so no quantized layer can exist
-        yield
-        return
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    saved = [getattr(m, "support_avx512bf16_for_cpu", False) for m in layers]
-    for m in layers:
-        unpack_cpu_inference_layout(m)
-        m.support_avx512bf16_for_cpu = False
+    modules = [(m, _length_dependent_rope(m)) for m in model.modules()]
+    modules = [(m, layers) for m, layers in modules if layers]
+    for m, layers in modules:
+        buffer = next(iter(m.buffers()), None)
+        x = torch.zeros(1, device=None if buffer is None else buffer.device)
+        last = torch.tensor([[seq_len - 1]], device=x.device)
+        for layer in layers:  # the decorated forward: the update for seq_len tokens
+            type(m).forward(m, x, last, **({} if layer is None else {"layer_type": layer}))
+        m.forward = type(m).forward.__wrapped__.__get__(m)
     try:
         yield
     finally:
-        for m, flag in zip(layers, saved):
-            m.support_avx512bf16_for_cpu = flag
-
-
-def unpack_cpu_inference_layout(layer: nn.Module) -> bool:
-    """Return a repacked ``Linear4bit`` to the standard layout; True if it was packed.
-
-    The packing rounded the block scales (absmax) to bfloat16, which no inverse can
-    undo: the layer keeps those rounded scales, so we warn. bitsandbytes' own inverse
-    also leaves non-nested scales transposed; we put them back in order.
-    """
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    state = getattr(layer.weight, "quant_state", None)
-    if state is None or not getattr(state, "packing_format_for_cpu", False):
-        return False
-    nested = state.original_nested
-    layer.weight.data, state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
-    if not nested:  # [K/blocksize, N] bf16 -> [N * K/blocksize] float32, the original order
-        state.absmax = state.absmax.T.reshape(-1).float()
-    layer.weight.quant_state = state
-    warnings.warn(
-        "bitsandbytes had repacked a 4-bit weight for CPU inference (an eval-mode no-grad pass); "
-        "ds_chunk restored the training layout, but its block scales stay rounded to bfloat16",
-        stacklevel=3,
-    )
-    return True
-
-
-class RngTape:
-    """Replays each chunk with the RNG state it had in the no-grad pass.
-
-    So dropout (LoRA dropout, attention dropout) draws the same masks in both passes:
-    the replayed K/V equal the stored leaves, and the gradient is exact for the sampled
-    masks, as with activation checkpointing. ``record(k)`` after the last chunk and
-    ``replay(k)`` at the end leave the global RNG as one forward pass would.
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.states: dict[int, tuple] = {}
-
-    def record(self, chunk: int) -> None:
-        self.states[chunk] = (torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None)
-
-    def replay(self, chunk: int) -> None:
-        cpu, cuda = self.states[chunk]
-        torch.set_rng_state(cpu)
-        if self.cuda:
-            torch.cuda.set_rng_state(cuda)
+        for m, _ in modules:
+            del m.forward

@@ -32,8 +32,9 @@ def chunk_sdpa(module: nn.Module, query, key, value, attention_mask, dropout=0.0
 
     q_len, kv_len = query.shape[2], key.shape[2]
     window = kwargs.get("sliding_window")
-    if attention_mask is not None or kwargs.get("s_aux") is not None or (window is not None and window < kv_len):
-        raise RuntimeError(f"{NAME} computes plain causal attention only (mask, sinks or window given)")
+    extra = kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None
+    if attention_mask is not None or extra or (window is not None and window < kv_len):
+        raise RuntimeError(f"{NAME} computes plain causal attention only (mask, sinks, softcap or window given)")
     gqa = query.shape[1] != key.shape[1]
     if query.is_cuda and not _flash_supports(query, key, value, dropout):
         # not expected (the scheduler checked the shapes); never let SDPA fall back to its math
@@ -73,6 +74,14 @@ def flash_eligible(model: nn.Module, device: torch.device) -> bool:
     return _flash_supports(q, k, k, float(getattr(cfg, "attention_dropout", 0.0) or 0.0))
 
 
+def plain_causal(cfg) -> bool:
+    """Whether every layer is plain causal attention: no sliding window, no softcap or sinks."""
+    sliding = "sliding_attention" in (getattr(cfg, "layer_types", None) or ()) or (
+        getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True)
+    )
+    return not sliding and getattr(cfg, "attn_logit_softcapping", None) is None
+
+
 @functools.cache
 def _register() -> None:
     from transformers import AttentionInterface
@@ -90,7 +99,7 @@ def chunk_attention(model: nn.Module, padded: bool, device: torch.device) -> Ite
     """
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     cfg = getattr(decoder, "config", None)
-    use = getattr(cfg, "_attn_implementation_internal", None) == "sdpa" and not padded
+    use = getattr(cfg, "_attn_implementation_internal", None) == "sdpa" and not padded and plain_causal(cfg)
     if not (use and flash_eligible(model, device)):
         yield False
         return

@@ -8,8 +8,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ds_chunk.adapter import cache_kwarg, no_cpu_inference_packing, unwrap
+from ds_chunk.adapter import cache_kwarg, full_length_rope, lm_head, unwrap
 from ds_chunk.attention import chunk_attention
+from ds_chunk.bnb import no_cpu_inference_packing
 from ds_chunk.chunking import IGNORE_INDEX, chunk_bounds, prepare_labels
 from ds_chunk.kv import ChunkCache, KVStore
 
@@ -47,11 +48,11 @@ def _accumulate(hf: nn.Module, batch: dict, chunk_size: int, totals: dict) -> No
         None if batch.get(k) is None else batch[k].to(device) for k in ("input_ids", "labels", "attention_mask")
     )
     target = prepare_labels(ids, labels, mask)
-    decoder, lm_head = hf.get_decoder(), hf.get_output_embeddings()
+    decoder, head = hf.get_decoder(), lm_head(hf)
     store, key = KVStore(hf.config.get_text_config().num_hidden_layers), cache_kwarg(decoder)
     row_wrong = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     padded = mask is not None and not bool(mask.all())
-    with chunk_attention(hf, padded, device):
+    with chunk_attention(hf, padded, device), full_length_rope(hf, ids.shape[1]):
         for c, (s, e) in enumerate(chunk_bounds(ids.shape[1], chunk_size)):
             hidden = decoder(
                 input_ids=ids[:, s:e],
@@ -64,7 +65,7 @@ def _accumulate(hf: nn.Module, batch: dict, chunk_size: int, totals: dict) -> No
             keep = t != IGNORE_INDEX
             if not keep.any():
                 continue
-            logits = lm_head(hidden[keep]).float()  # only supervised positions: [n, V]
+            logits = head(hidden[keep]).float()  # only supervised positions: [n, V]
             totals["nll"] += float(torch.nn.functional.cross_entropy(logits, t[keep], reduction="sum"))
             hit = logits.argmax(-1) == t[keep]
             totals["tokens"] += int(keep.sum())

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ds_chunk.chunking import IGNORE_INDEX
 
 
-def _ce_sum(lm_head: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _ce_sum(lm_head: Callable, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     logits = lm_head(hidden)  # [B, c, V]
     # HF upcasts half-precision logits to float32 for the loss; keep float64 as is.
     if logits.dtype in (torch.float16, torch.bfloat16):
@@ -19,7 +20,7 @@ def _ce_sum(lm_head: nn.Module, hidden: torch.Tensor, target: torch.Tensor) -> t
 
 
 def chunk_loss(
-    lm_head: nn.Module,
+    lm_head: Callable[[torch.Tensor], torch.Tensor],
     hidden: torch.Tensor,
     target: torch.Tensor,
     normalizer: int,
@@ -27,6 +28,7 @@ def chunk_loss(
 ) -> torch.Tensor:
     """sum of token CE over the chunk / normalizer (the supervised tokens of the whole step).
 
+    lm_head: hidden -> logits as the model computes them (``adapter.lm_head``).
     hidden: [B, C, H] final hidden states; target: [B, C] globally shifted labels.
     With ``sub_chunk``, the LM head runs on ``sub_chunk`` tokens at a time under
     non-reentrant checkpointing, so at most [B, sub_chunk, V] logits exist at once in

@@ -21,19 +21,22 @@ import torch
 from torch import nn
 
 from ds_chunk.adapter import (
-    RngTape,
     cache_kwarg,
     cache_under_checkpointing,
     check_supported,
-    no_cpu_inference_packing,
+    full_length_rope,
+    lm_head,
+    max_positions,
     unwrap,
 )
 from ds_chunk.attention import chunk_attention
+from ds_chunk.bnb import no_cpu_inference_packing
 from ds_chunk.chunking import IGNORE_INDEX, check_inputs, chunk_bounds, prepare_labels
 from ds_chunk.config import ChunkwiseConfig
 from ds_chunk.kv import ChunkCache, KVStore
 from ds_chunk.loss import chunk_loss
 from ds_chunk.offload import SaveOnHost
+from ds_chunk.rng import RngTape
 from ds_chunk.sampling import ChunkSampler
 
 BackwardFn = Callable[[torch.Tensor, bool], None]
@@ -114,7 +117,7 @@ class ChunkScheduler:
         """
         hf = unwrap(model)
         check_supported(hf, input_ids.shape[-1])
-        check_inputs(input_ids, attention_mask, getattr(hf.config, "max_position_embeddings", None))
+        check_inputs(input_ids, attention_mask, max_positions(hf))
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: let attention take its fastest path
         target = prepare_labels(input_ids, labels, attention_mask)
@@ -130,7 +133,11 @@ class ChunkScheduler:
 
         run = _ChunkRun(hf, self.config, input_ids, target, attention_mask, bounds, n, forward_fn)
         report = self.sampler is None or self.sampler.config.report_loss
-        with no_cpu_inference_packing(hf), chunk_attention(hf, attention_mask is not None, input_ids.device):
+        with (
+            no_cpu_inference_packing(hf),
+            full_length_rope(hf, input_ids.shape[1]),
+            chunk_attention(hf, attention_mask is not None, input_ids.device),
+        ):
             loss = run.forward_pass(weights, report and self.sampler is not None, has_loss)
             loss += run.replay(weights, backward_fn or self.backward_fn, boundary)
         if not report:
@@ -176,7 +183,7 @@ class _ChunkRun:
     """The state of one scheduler call: the model's parts, the batch, the KV store."""
 
     def __init__(self, hf, config: ChunkwiseConfig, input_ids, target, attention_mask, bounds, normalizer, forward_fn):
-        self.model, self.decoder, self.lm_head = hf, hf.get_decoder(), hf.get_output_embeddings()
+        self.model, self.decoder, self.lm_head = hf, hf.get_decoder(), lm_head(hf)
         self.forward_fn = forward_fn or (lambda kwargs: self.decoder(**kwargs)[0])
         self.cache_key = cache_kwarg(self.decoder)
         self.input_ids, self.target, self.mask = input_ids, target, attention_mask
@@ -239,11 +246,14 @@ class _ChunkRun:
         """Reverse replay with autograd; returns the unweighted loss of the replayed chunks."""
         loss = torch.zeros((), dtype=torch.float64)
         order = sorted(weights, reverse=True)
+        after = None  # the RNG after the last chunk's draws, as one forward would leave it
         with cache_under_checkpointing(self.decoder), self.offload_saved():
             for c in order:
                 carried = self.store.pop_grads(c)
                 self.rng.replay(c)
                 h, cache = self.hidden(c, record=False)
+                if c == self.end:
+                    after = self.rng.snapshot()
                 chunk = self.loss(c, h)
                 inject = sum(
                     _CarriedGrad.apply(fk, g[0]) + _CarriedGrad.apply(fv, g[1])
@@ -255,5 +265,8 @@ class _ChunkRun:
             # Nothing replayed (an empty SpaCO draw): the step still needs its boundary
             # backward so an engine reduces gradients; this one adds exactly zero.
             backward_fn(sum(p.reshape(-1)[0] for p in self.trainable) * 0.0, True)
-        self.rng.replay(self.end)
+        if after is not None:
+            self.rng.restore(after)
+        else:  # the last chunk was not run: the state after the chunks that were
+            self.rng.replay(self.end)
         return loss

@@ -88,7 +88,11 @@ def test_eval_mode_no_grad_pass_cannot_corrupt_4bit_grads(saved):
         model(input_ids=ids)
     assert _packed(model)
     reference_loss(model, ids).backward()
-    assert max_rel_err(grads(model), g_ref) > 0.1
+    # far off, or missing: the packed kernel has no autograd formula (whether an earlier
+    # import registered a fallback decides which)
+    broken = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()
+              if p.requires_grad}  # fmt: skip
+    assert max_rel_err(broken, g_ref) > 0.1
     model.zero_grad()
     # ... and the scheduler restores the training layout (scales stay bf16-rounded)
     with pytest.warns(UserWarning, match="repacked"):

@@ -180,9 +180,36 @@ def test_left_padding_is_refused():
         ChunkScheduler({"chunk_size": 2}).backward(tiny_model("llama"), torch.ones(1, 4, dtype=torch.long), None, mask)
 
 
+def test_sliding_window_shorter_than_the_sequence_is_exact():
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(2))
+    _check(tiny_model("mistral", sliding_window=8), ids, 6)  # windows cross chunk boundaries
+
+
 def test_unsupported_models_name_the_class():
-    sliding = tiny_model("mistral", sliding_window=8)
-    with pytest.raises(UnsupportedModelError, match="MistralForCausalLM.*sliding"):
-        ChunkScheduler({"chunk_size": 4}).backward(sliding, torch.ones(1, 16, dtype=torch.long))
     with pytest.raises(UnsupportedModelError, match="Linear"):
         ChunkScheduler({"chunk_size": 4}).backward(torch.nn.Linear(2, 2), torch.ones(1, 16, dtype=torch.long))
+
+
+def test_rng_after_backward_is_where_a_forward_leaves_it():
+    """The next step must draw new dropout masks: after the backward the RNG is where one forward
+    leaves it (one chunk: the forward is the model's own, so the states are equal)."""
+    model = tiny_model("llama", attention_dropout=0.5)
+    model.train()
+    ids = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(7)
+    model.model(input_ids=ids)  # the decoder alone: no LM head draws, as in the scheduler
+    want = torch.get_rng_state()
+    torch.manual_seed(7)
+    ChunkScheduler({"chunk_size": 24}).backward(model, ids)
+    assert torch.equal(torch.get_rng_state(), want)
+
+
+def test_reentrant_gradient_checkpointing_is_made_exact():
+    """Reentrant checkpointing would cut the carried K/V gradient: switched to non-reentrant for the call."""
+    model = tiny_model("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    layer = model.model.layers[0]
+    configured = layer._gradient_checkpointing_func
+    _check(model, torch.randint(0, 97, (2, 40)), 16)
+    assert layer._gradient_checkpointing_func is configured  # restored after the call
