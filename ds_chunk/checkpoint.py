@@ -8,6 +8,7 @@ crash at any moment leaves the previous checkpoint usable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,9 +50,11 @@ def save(engine, root: str, step: int, state: dict, keep: int | None = None) -> 
     # DeepSpeed keeps no RNG state; dropout after a resume must draw what it would have
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
     _barrier()
+    model = engine.hf_model  # peft saves just the adapter; a plain model saves itself
+    with _gathered(model):  # ZeRO-3: whole parameters on every rank for the save (collective)
+        if _rank() == 0:
+            model.save_pretrained(os.path.join(tmp, "adapter" if hasattr(model, "peft_config") else "model"))
     if _rank() == 0:
-        model = engine.hf_model  # peft saves just the adapter; a plain model saves itself
-        model.save_pretrained(os.path.join(tmp, "adapter" if hasattr(model, "peft_config") else "model"))
         _write_atomic(os.path.join(tmp, "state.json"), json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
@@ -83,6 +86,19 @@ def find(path: str) -> str:
         if found := latest(root):
             return found
     raise FileNotFoundError(f"no checkpoint in {path} (expected a step_N folder, or a folder holding them)")
+
+
+def _gathered(model):
+    """ZeRO-3 partitions parameters between forwards: gather the ones save_pretrained writes
+    (the adapter's for peft, all otherwise); a no-op without ZeRO-3."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    if hasattr(model, "peft_config"):
+        params = [p for p in params if p.requires_grad]
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def latest(root: str) -> str | None:

@@ -157,6 +157,8 @@ class ChunkwiseConfig:
     kv_offload: keep the KV leaves and their gradients in host memory.
     truncate: baseline only, for comparison: carry no gradient across chunk boundaries
         (truncated backprop); the gradient is then NOT the full-sequence gradient.
+    max_consecutive_skips: steps with a non-finite loss or gradient on any rank are
+        skipped by every rank; training stops with an error after more than this many in a row.
     """
 
     enabled: bool = True
@@ -165,6 +167,7 @@ class ChunkwiseConfig:
     loss_chunk_size: int | None = None
     kv_offload: bool = False
     truncate: bool = False
+    max_consecutive_skips: int = 5
 
     @classmethod
     def from_dict(cls, block: dict | None, prefix: str = "chunkwise") -> ChunkwiseConfig:
@@ -181,6 +184,7 @@ class ChunkwiseConfig:
             loss_chunk_size=_int(f"{prefix}.loss_chunk_size", b.get("loss_chunk_size"), 1, optional=True),
             kv_offload=_bool(f"{prefix}.kv_offload", b.get("kv_offload", False)),
             truncate=_bool(f"{prefix}.truncate", b.get("truncate", False)),
+            max_consecutive_skips=_int(f"{prefix}.max_consecutive_skips", b.get("max_consecutive_skips", 5), 0),
         )
 
     @classmethod

@@ -19,26 +19,55 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ds_chunk.chunking import IGNORE_INDEX, prepare_labels
 from ds_chunk.config import OUR_BLOCKS, ChunkwiseConfig
 from ds_chunk.kv import ChunkCache
 from ds_chunk.ops import announce_op_builds
-from ds_chunk.scheduler import ChunkScheduler
+from ds_chunk.scheduler import ChunkScheduler, LocalGrads
 
 
-def chunk_forward(module: nn.Module, *args, chunk_inputs: dict | None = None, sync_zero: bool = False, **kwargs):
+class _Inject(torch.autograd.Function):
+    """A zero whose backward hands ``param`` exactly ``grad``."""
+
+    @staticmethod
+    def forward(ctx, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.grad = grad
+        return param.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, out: torch.Tensor):
+        return out * ctx.grad, None  # out = 1 from the engine's backward: exactly grad
+
+
+def _boundary_scalar(module: nn.Module, grads) -> torch.Tensor:
+    """The boundary backward's scalar: 0 through one element of each trainable parameter, or
+    (``grads``: LocalGrads.take()) a zero whose backward hands each parameter its gradient.
+    Under ZeRO-3 (parameters partitioned outside a forward): 0 x the logits of a one-token
+    forward, whose hooks gather every parameter and give each a zero gradient."""
+    if grads is None and any(hasattr(p, "ds_id") for p in module.parameters()):
+        device = next(module.parameters()).device
+        return 0.0 * module(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device)).logits.float().sum()
+    if grads is None:
+        return 0.0 * sum(p.reshape(-1)[0] for p in module.parameters() if p.requires_grad)
+    return sum(0.0 * p.reshape(-1)[0] if g is None else _Inject.apply(p, g.to(p.dtype)) for p, g in grads)
+
+
+def chunk_forward(
+    module: nn.Module, *args, chunk_inputs: dict | None = None, sync_zero: bool = False, sync_grads=None, **kwargs
+):
     """The forward an engine runs, with the two modes chunk-wise training needs.
 
     ``chunk_inputs=kw`` runs only the decoder on one chunk and returns (hidden [B, C, H],
     the chunk's fresh K/V): the K/V are outputs so DeepSpeed's backward hooks fire even
     for a chunk whose only gradient is the one carried into its K/V. ``sync_zero=True``
-    returns 0 * (one element of each trainable parameter), the step's boundary backward
-    (see ``boundary_backward``). Anything else is the module's own forward.
+    returns the step's boundary scalar (see ``boundary_backward``; with ``sync_grads`` it
+    hands over the gradients collected locally). Anything else is the module's own forward.
     """
     if sync_zero:
-        return 0.0 * sum(p.reshape(-1)[0] for p in module.parameters() if p.requires_grad)
+        return _boundary_scalar(module, sync_grads)
     if chunk_inputs is None:
         return module(*args, **kwargs)
     hidden = module.get_decoder()(**chunk_inputs)[0]
@@ -65,10 +94,10 @@ def chunk_modes(module: nn.Module) -> Iterator[None]:
     own = module.__dict__.get("forward")  # accelerate may have set one (autocast)
     original = own if own is not None else type(module).forward.__get__(module)
 
-    def forward(*args, chunk_inputs: dict | None = None, sync_zero: bool = False, **kwargs):
+    def forward(*args, chunk_inputs: dict | None = None, sync_zero: bool = False, sync_grads=None, **kwargs):
         if chunk_inputs is None and not sync_zero:
             return original(*args, **kwargs)
-        return chunk_forward(module, chunk_inputs=chunk_inputs, sync_zero=sync_zero)
+        return chunk_forward(module, chunk_inputs=chunk_inputs, sync_zero=sync_zero, sync_grads=sync_grads)
 
     module.forward = forward
     try:
@@ -82,11 +111,18 @@ def chunk_modes(module: nn.Module) -> Iterator[None]:
 
 def check_engine(engine) -> None:
     """Refuse the DeepSpeed setups chunk-wise training cannot run exactly, naming the key."""
-    if engine.zero_optimization_stage() == 3:
+    if getattr(engine, "pipeline_parallelism", False):
         raise ValueError(
-            "zero_optimization.stage = 3 is not supported by ds_chunk: ranks that run different numbers of "
-            "chunk forwards would deadlock in ZeRO-3's parameter all-gather. Use stage 2 with "
-            '"offload_optimizer": {"device": "cpu"} instead.'
+            "pipeline parallelism (a deepspeed.pipe.PipelineModule) is not supported by ds_chunk: a chunk's "
+            "replay needs the whole decoder in one process; use ZeRO-3 to shard the model instead"
+        )
+    if engine.zero_optimization_stage() == 3 and any(
+        type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in engine.module.modules()
+    ):
+        raise ValueError(
+            "zero_optimization.stage = 3 with bitsandbytes 4/8-bit base weights is not supported by ds_chunk: "
+            "use stage 1 or 2 with offload_optimizer for QLoRA (the base weights are frozen and small), or "
+            "stage 3 with a bf16 / fp32 base"
         )
     refuse_fp16(engine.fp16_enabled())
     if type(engine.optimizer).__name__ == "BF16_Optimizer":
@@ -96,24 +132,15 @@ def check_engine(engine) -> None:
             "DeepSpeed's BF16_Optimizer (bf16 with ZeRO stage 0, or data_types.grad_accum_dtype) is not "
             "supported by ds_chunk: use bf16 with zero_optimization.stage 1 or 2"
         )
-    if engine.dp_world_size > 1 and (
-        engine.zero_optimization_stage() == 2 or engine.zero_optimization_stage() == 1 and engine.zero_overlap_comm()
-    ):
-        # these reduce gradients inside every backward, so ranks would have to run the
-        # same chunk backwards in the same order; ours differ (own labels, own draws)
-        raise ValueError(
-            "zero_optimization.stage = 2 (or stage 1 with overlap_comm) on several ranks is not supported by "
-            "ds_chunk: use stage 1 (LoRA gradients are small, so stage 2 saves little), with offload_optimizer"
-        )
 
 
 def chunk_backward(engine, scalar: torch.Tensor) -> None:
-    """One chunk's backward: never the accumulation boundary (that is ``boundary_backward``)."""
+    """One chunk's backward through DeepSpeed (ZeRO-3: it reduce-scatters), never the boundary."""
     engine.set_gradient_accumulation_boundary(False)  # read during backward: set before each
     engine.backward(scalar, scale_wrt_gas=False)  # we normalise by the step's token count
 
 
-def boundary_backward(engine) -> None:
+def boundary_backward(engine, grads=None) -> None:
     """The step's boundary backward: an exact zero through every trainable parameter.
 
     Chunk backwards differ in which parameters they reach (a chunk without loss skips
@@ -123,13 +150,31 @@ def boundary_backward(engine) -> None:
     ending every step with the same backward on every rank, through every parameter,
     makes that complete and identical. It goes through engine(...) so DeepSpeed's
     backward prologue runs (the engine's module must have ``chunk_forward``'s modes).
+    With ``grads`` (``LocalGrads.take()``: the chunk backwards went into a local buffer)
+    this one backward hands every parameter its whole gradient of the step: DeepSpeed
+    reduces it once.
     """
     engine.set_gradient_accumulation_boundary(True)
-    engine.backward(engine(sync_zero=True), scale_wrt_gas=False)
+    engine.backward(engine(sync_zero=True, sync_grads=grads), scale_wrt_gas=False)
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many consecutive steps had a non-finite loss or gradient on some rank."""
 
 
 class ChunkwiseEngine:
-    """A DeepSpeed engine plus ``train_batch``; every other attribute is the engine's own."""
+    """A DeepSpeed engine plus ``train_batch``; every other attribute is the engine's own.
+
+    ZeRO-0/1/2: the chunk backwards collect the step's gradient in a buffer of each rank
+    (``LocalGrads``), without DeepSpeed's hooks; one boundary backward then hands it to
+    DeepSpeed, which reduces it once, identically on every rank whatever each rank's
+    chunk schedule (their own labels and SpaCO draws).
+    ZeRO-3 (parameters gathered in every forward): every rank runs the same schedule, its
+    rows padded to the longest row of any rank, the chunks to replay and SpaCO's draw
+    decided from the all-reduced supervised-chunk flags; each chunk backward goes through
+    DeepSpeed (which reduce-scatters it), the ranks' own labels giving the global gradient.
+    A step whose loss or gradient is not finite on any rank is skipped by every rank together.
+    """
 
     def __init__(self, engine, chunkwise: ChunkwiseConfig):
         check_engine(engine)
@@ -137,8 +182,12 @@ class ChunkwiseEngine:
             raise TypeError("wrap the model with ds_chunk.ChunkedLM before deepspeed.initialize / accelerator.prepare")
         self.engine = engine
         self.chunkwise = chunkwise
-        self.scheduler = ChunkScheduler(chunkwise, backward_fn=self._backward)
+        self.scheduler = ChunkScheduler(chunkwise)
+        self.zero3 = engine.zero_optimization_stage() == 3
+        self.grads = None if self.zero3 else LocalGrads(engine.module.parameters())
         self.last_results: list = []  # ChunkResult of each micro-batch of the last step
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient, in all
+        self.consecutive_skips = 0
 
     def __getattr__(self, name: str) -> Any:
         if name == "engine":  # not yet set (e.g. while unpickling): no recursion
@@ -153,31 +202,23 @@ class ChunkwiseEngine:
         """The user's model (HF or peft), e.g. for ``save_pretrained``."""
         return self.engine.module.module
 
-    def _backward(self, scalar: torch.Tensor, is_last: bool) -> None:
-        chunk_backward(self.engine, scalar)
-
-    def _sync_backward(self) -> None:
-        boundary_backward(self.engine)
-
-    def _forward(self, kwargs: dict) -> torch.Tensor:
-        return self.engine(chunk_inputs=kwargs)[0]
-
     def rank_and_world(self) -> tuple[int, int]:
         """(data-parallel rank, world size); (0, 1) without torch.distributed."""
         if not torch.distributed.is_initialized():
             return 0, 1
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
-    def _all_reduce(self, value: torch.Tensor) -> torch.Tensor:
+    def _all_reduce(self, value: torch.Tensor, op=None) -> torch.Tensor:
         if self.rank_and_world()[1] > 1:
-            torch.distributed.all_reduce(value)
+            torch.distributed.all_reduce(value, **({} if op is None else {"op": op}))
         return value
 
     def train_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One optimizer step on ``batch`` (input_ids, optional labels / attention_mask).
 
         The batch's rows are this rank's micro-batches (gradient_accumulation_steps of
-        them). Returns the mean CE over every supervised token of the step, all ranks.
+        them). Returns the mean CE over every supervised token of the step, all ranks
+        (non-finite if the step was skipped: see ``skipped_steps``).
         """
         ids, labels, mask = (batch.get(k) for k in ("input_ids", "labels", "attention_mask"))
         if ids is None:
@@ -187,6 +228,8 @@ class ChunkwiseEngine:
             raise ValueError(f"batch of {ids.shape[0]} rows does not split into gradient_accumulation_steps={gas}")
         ids, labels, mask = (None if t is None else t.to(self.engine.device) for t in (ids, labels, mask))
         rank, world = self.rank_and_world()
+        if self.zero3:
+            ids, labels, mask = self._common_length(ids, labels, mask)
         # Mean over all supervised tokens of the step on all ranks; DeepSpeed averages
         # the ranks' gradients, so each rank divides by (global count / world size).
         local = (prepare_labels(ids, labels, mask) != IGNORE_INDEX).sum().double()
@@ -195,27 +238,93 @@ class ChunkwiseEngine:
             raise ValueError("no supervised token in the step: every label is -100 (ignored)")
         self.last_results = []
         self._micro_batches(ids, labels, mask, total / world, rank)
-        self._sync_backward()
-        self.engine.step()
+        grads = None if self.zero3 else self.grads.take()
+        finite = self._all_finite(grads or [])
+        if self.zero3 or finite:
+            boundary_backward(self.engine, grads)  # ZeRO-3: finishes the reduce-scatters either way
+        if finite:
+            self.consecutive_skips = 0
+            self.engine.step()
+        else:
+            if self.zero3:
+                self.engine.optimizer.zero_grad(set_to_none=True)  # drop the partitions' gradients
+            self._skip()
         return self._all_reduce(loss_sum(self.last_results).to(self.engine.device)).cpu() / world
+
+    def _common_length(self, ids, labels, mask):
+        """ZeRO-3: rows right-padded (mask 0, label -100) to the longest row of any rank, so every
+        rank runs the same number of chunk forwards."""
+        longest = int(self._all_reduce(torch.tensor(ids.shape[1], device=ids.device), torch.distributed.ReduceOp.MAX))
+        mask = torch.ones_like(ids) if mask is None else mask
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if labels is None else labels
+        pad = longest - ids.shape[1]
+        if pad == 0:
+            return ids, labels, mask
+        padded = [F.pad(t, (0, pad), value=v) for t, v in ((ids, 0), (labels, IGNORE_INDEX), (mask, 0))]
+        return tuple(padded)
+
+    def _schedule(self, ids, labels, mask) -> list[bool] | None:
+        """ZeRO-3: whether each chunk holds a supervised token on any rank (None otherwise)."""
+        if not self.zero3:
+            return None
+        size = self.chunkwise.chunk_size if self.chunkwise.enabled else ids.shape[1]
+        supervised = prepare_labels(ids, labels, mask) != IGNORE_INDEX
+        flags = torch.tensor([float(supervised[:, s : s + size].any()) for s in range(0, ids.shape[1], size)])
+        flags = self._all_reduce(flags.to(ids.device), torch.distributed.ReduceOp.MAX)
+        return [bool(f) for f in flags.tolist()]
+
+    def _all_finite(self, grads) -> bool:
+        """Whether the step's loss and gradient are finite on every rank (one all-reduce)."""
+        report = self.scheduler.sampler is None or self.scheduler.sampler.config.report_loss
+        finite = all(bool(torch.isfinite(r.loss)) for r in self.last_results) if report else True
+        finite = finite and all(g is None or bool(torch.isfinite(g).all()) for _, g in grads)
+        flag = torch.tensor(float(finite), device=self.engine.device)
+        return bool(self._all_reduce(flag, torch.distributed.ReduceOp.MIN) > 0)
+
+    def _skip(self) -> None:
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        limit = self.chunkwise.max_consecutive_skips
+        if self.consecutive_skips > limit:
+            raise NonFiniteError(
+                f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient on some rank (more "
+                f"than chunkwise.max_consecutive_skips = {limit}): stopping. Lower the learning rate, check the "
+                "data, or train in float32; the last checkpoint holds finite weights"
+            )
+
+    def weights_finite(self) -> bool:
+        """Whether every trainable parameter is finite on every rank (checked before a checkpoint)."""
+        finite = all(bool(torch.isfinite(p).all()) for p in self.engine.module.parameters() if p.requires_grad)
+        flag = torch.tensor(float(finite), device=self.engine.device)
+        return bool(self._all_reduce(flag, torch.distributed.ReduceOp.MIN) > 0)
 
     def _micro_batches(self, ids, labels, mask, normalizer: float, rank: int) -> None:
         gas = self.engine.gradient_accumulation_steps()
         micro = ids.shape[0] // gas
         for j in range(gas):
             rows = slice(j * micro, (j + 1) * micro)
+            ids_j, labels_j, mask_j = (None if t is None else t[rows] for t in (ids, labels, mask))
             result = self.scheduler.backward(
                 self.engine.module,
-                ids[rows],
-                None if labels is None else labels[rows],
-                None if mask is None else mask[rows],
+                ids_j,
+                labels_j,
+                mask_j,
                 num_tokens=normalizer,
-                boundary=False,  # the boundary is _sync_backward
+                boundary=False,  # the boundary is boundary_backward
                 step=self.engine.global_steps * gas + j,
-                rank=rank,
-                forward_fn=self._forward,
+                rank=0 if self.zero3 else rank,  # ZeRO-3: the same SpaCO draw on every rank
+                # ZeRO-0/1/2: no engine forward or backward per chunk (see LocalGrads)
+                backward_fn=self._chunk_backward if self.zero3 else self.grads,
+                forward_fn=self._forward if self.zero3 else None,
+                has_loss=self._schedule(ids_j, labels_j, mask_j),
             )
             self.last_results.append(result)
+
+    def _chunk_backward(self, scalar: torch.Tensor, is_last: bool) -> None:
+        chunk_backward(self.engine, scalar)
+
+    def _forward(self, kwargs: dict) -> torch.Tensor:
+        return self.engine(chunk_inputs=kwargs)[0]
 
 
 def loss_sum(results: list) -> torch.Tensor:

@@ -11,8 +11,9 @@ resuming) is the parent's. The loss is normalised exactly as the parent's
 ``compute_loss`` would (by ``num_items_in_batch`` across gradient accumulation and
 devices), so the trained weights and the logged loss equal the parent's. Under
 DeepSpeed the chunk backwards never reach accelerate's ``backward`` (which would step the
-engine each time): they go to the engine with the accumulation boundary off, and the
-Trainer step's last micro-batch ends with one boundary backward and one ``engine.step()``.
+engine each time), nor the engine: they go to a buffer of each rank, and the
+Trainer step's last micro-batch ends with one boundary backward, which hands DeepSpeed the
+gradient the chunk backwards collected locally (one reduction), and one ``engine.step()``.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from torch import nn
 
 from ds_chunk.adapter import UnsupportedModelError, check_supported, unwrap
 from ds_chunk.config import ChunkwiseConfig
-from ds_chunk.engine import boundary_backward, check_engine, chunk_backward, chunk_modes
-from ds_chunk.scheduler import ChunkScheduler
+from ds_chunk.engine import boundary_backward, check_engine, chunk_modes
+from ds_chunk.scheduler import ChunkScheduler, LocalGrads
 
 logger = logging.getLogger("ds_chunk")
 
@@ -172,7 +173,7 @@ class _ChunkwiseMixin:
                 boundary=False,
                 step=step,
                 rank=self.args.process_index,
-                backward_fn=driver.backward,
+                backward_fn=driver.backward_fn,
                 forward_fn=driver.forward,
             )
             if sync:
@@ -244,10 +245,11 @@ class _ChunkwiseMixin:
 class _Plain:
     """One process, no DeepSpeed: each chunk backward adds into .grad; the Trainer clips and steps."""
 
+    forward = None  # the model's own decoder
+
     def __init__(self, accelerator):
         self.accelerator = accelerator
-
-    forward = None  # the model's own decoder
+        self.backward_fn = self.backward
 
     def backward(self, scalar: torch.Tensor, is_last: bool) -> None:
         self.accelerator.backward(scalar)  # the Trainer's accelerator: no accumulation scaling, no loss scaler
@@ -279,25 +281,26 @@ class _DataParallel(_Plain):
 
 
 class _DeepSpeed(_Plain):
-    """The DeepSpeed engine the Trainer prepared: chunk forwards through the engine, backwards
-    with the accumulation boundary off, then the boundary backward and one engine.step()."""
+    """The DeepSpeed engine the Trainer prepared: chunk backwards into a local buffer (no
+    DeepSpeed hook fires), then one boundary backward through the engine handing it the
+    step's gradient (one reduction) and one engine.step()."""
 
     def __init__(self, accelerator, engine):
         super().__init__(accelerator)
         check_engine(engine)
+        if engine.zero_optimization_stage() == 3:
+            raise ChunkwiseTrainerError(
+                "zero_optimization.stage = 3 under HF Trainer is not supported by ds_chunk yet (the ranks must run "
+                "identical chunk schedules): use stage 1 or 2 here, or ds_chunk.initialize / launch/train.py for ZeRO-3"
+            )
         self.engine = engine
-
-    def forward(self, kwargs: dict) -> torch.Tensor:
-        return self.engine(chunk_inputs=kwargs)[0]
-
-    def backward(self, scalar: torch.Tensor, is_last: bool) -> None:
-        chunk_backward(self.engine, scalar)
+        self.backward_fn = LocalGrads(engine.module.parameters())
 
     def modes(self):
         return chunk_modes(self.engine.module)
 
     def end_step(self) -> None:
-        boundary_backward(self.engine)
+        boundary_backward(self.engine, self.backward_fn.take())
         self.engine.step()  # the Trainer's optimizer.step() / lr_scheduler.step() are no-ops under DeepSpeed
 
 

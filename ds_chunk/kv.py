@@ -70,6 +70,21 @@ class KVStore:
                     if self.storage is not None:
                         leaf.register_post_accumulate_grad_hook(self._count_grad)
 
+    def live_leaves(self) -> list[torch.Tensor]:
+        """The leaves that collect gradient and are not freed yet (the replays' prefix)."""
+        return [
+            t for kv in (self.keys, self.values) for layer in kv for t in layer if t is not None and t.requires_grad
+        ]
+
+    def accumulate(self, leaf: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add ``grad`` into ``leaf.grad`` as autograd would (for ``torch.autograd.grad`` callers)."""
+        if leaf.grad is None:
+            leaf.grad = grad
+            if self.storage is not None:
+                self._count_grad(leaf)
+        else:
+            leaf.grad.add_(grad)
+
     def _count_grad(self, leaf: torch.Tensor) -> None:
         if not getattr(leaf.grad, "_ds_chunk_counted", False):  # a new .grad, not an accumulation
             leaf.grad._ds_chunk_counted = True

@@ -25,6 +25,7 @@ def chunk_loss(
     target: torch.Tensor,
     normalizer: int,
     sub_chunk: int | None = None,
+    skip_unsupervised: bool = True,
 ) -> torch.Tensor:
     """sum of token CE over the chunk / normalizer (the supervised tokens of the whole step).
 
@@ -32,13 +33,14 @@ def chunk_loss(
     hidden: [B, C, H] final hidden states; target: [B, C] globally shifted labels.
     With ``sub_chunk``, the LM head runs on ``sub_chunk`` tokens at a time under
     non-reentrant checkpointing, so at most [B, sub_chunk, V] logits exist at once in
-    forward and in backward. Sub-chunks without a supervised token are skipped.
+    forward and in backward. Sub-chunks without a supervised token are skipped, unless
+    ``skip_unsupervised`` is False (ranks that must call the LM head alike: ZeRO-3).
     """
     step = sub_chunk or hidden.shape[1]
     total = hidden.new_zeros((), dtype=torch.float32 if hidden.dtype != torch.float64 else torch.float64)
     for s in range(0, hidden.shape[1], step):
         h, t = hidden[:, s : s + step], target[:, s : s + step]
-        if not (t != IGNORE_INDEX).any():
+        if skip_unsupervised and not (t != IGNORE_INDEX).any():
             continue
         if sub_chunk is None or not torch.is_grad_enabled():
             total = total + _ce_sum(lm_head, h, t)

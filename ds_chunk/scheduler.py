@@ -41,7 +41,8 @@ from ds_chunk.sampling import ChunkSampler
 
 BackwardFn = Callable[[torch.Tensor, bool], None]
 """backward_fn(scalar, is_last): backpropagate ``scalar``; ``is_last`` marks the last
-backward of the step (DeepSpeed's gradient-accumulation boundary)."""
+backward of the step (DeepSpeed's gradient-accumulation boundary). A ``LocalGrads`` in its
+place collects the gradients in a buffer instead (see there)."""
 
 ForwardFn = Callable[[dict], torch.Tensor]
 """forward_fn(decoder_kwargs) -> final hidden states [B, C, H] of one chunk."""
@@ -102,6 +103,7 @@ class ChunkScheduler:
         rank: int = 0,
         backward_fn: BackwardFn | None = None,
         forward_fn: ForwardFn | None = None,
+        has_loss: list[bool] | None = None,
     ) -> ChunkResult:
         """Add d(loss)/d(param) to every trainable parameter's ``.grad``.
 
@@ -113,7 +115,10 @@ class ChunkScheduler:
         backward is flagged ``is_last``. sampled/step/rank: SpaCO draw override, step
         index (default: call count) and data-parallel rank. forward_fn: runs the
         decoder for one chunk (default: the model's own decoder; an engine routes it
-        through its forward so its backward hooks see the chunk).
+        through its forward so its backward hooks see the chunk). has_loss: whether each
+        chunk holds a supervised token on any rank, for ranks that must run identical
+        schedules (ZeRO-3 gathers parameters in every forward): the chunks replayed and
+        the LM head calls then depend on it alone, not on this rank's labels.
         """
         hf = unwrap(model)
         check_supported(hf, input_ids.shape[-1])
@@ -127,11 +132,15 @@ class ChunkScheduler:
             raise ValueError("no supervised token in the batch: every label is -100 (ignored)")
         size = self.config.chunk_size if self.config.enabled else input_ids.shape[1]
         bounds = chunk_bounds(input_ids.shape[1], size)
-        has_loss = [bool(supervised[:, s:e].any()) for s, e in bounds]
+        identical = has_loss is not None
+        if identical and len(has_loss) != len(bounds):
+            raise ValueError(f"has_loss names {len(has_loss)} chunks, the batch has {len(bounds)}")
+        if not identical:
+            has_loss = [bool(supervised[:, s:e].any()) for s, e in bounds]
         weights = self._plan(has_loss, sampled, self.calls if step is None else step, rank)
         self.calls += 1
 
-        run = _ChunkRun(hf, self.config, input_ids, target, attention_mask, bounds, n, forward_fn)
+        run = _ChunkRun(hf, self.config, input_ids, target, attention_mask, bounds, n, forward_fn, identical)
         report = self.sampler is None or self.sampler.config.report_loss
         with (
             no_cpu_inference_packing(hf),
@@ -163,6 +172,37 @@ class ChunkScheduler:
         return dict(sorted(keep.items()))
 
 
+class LocalGrads:
+    """Chunk backwards into a buffer of this process instead of ``.grad``.
+
+    ``torch.autograd.grad`` on the trainable parameters and the live K/V leaves: no
+    gradient hook of an engine fires (DeepSpeed ZeRO-2 reduces in every backward that
+    reaches a parameter), so the step's gradient can be handed to the engine in one
+    boundary backward, one reduction per step whatever the chunk schedule of each rank.
+    Costs a gradient-sized buffer (float32 for 16-bit parameters) per process.
+    """
+
+    def __init__(self, params):
+        self.params = [p for p in params if p.requires_grad]
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
+
+    def add(self, scalar: torch.Tensor, store: KVStore) -> None:
+        leaves = store.live_leaves()
+        grads = torch.autograd.grad(scalar, self.params + leaves, allow_unused=True)
+        for i, g in enumerate(grads[: len(self.params)]):
+            if g is not None:
+                dtype = torch.promote_types(g.dtype, torch.float32)
+                self.buffers[i] = g.to(dtype) if self.buffers[i] is None else self.buffers[i].add_(g)
+        for leaf, g in zip(leaves, grads[len(self.params) :]):
+            if g is not None:
+                store.accumulate(leaf, g)
+
+    def take(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(parameter, its accumulated gradient or None) for every parameter; the buffers empty."""
+        out, self.buffers = list(zip(self.params, self.buffers)), [None] * len(self.params)
+        return out
+
+
 class _CarriedGrad(torch.autograd.Function):
     """<x, g> for a fresh K or V ``x`` and the gradient ``g`` collected on its leaf, so
     backward hands ``x`` exactly ``g``. ``g`` is kept on ctx, not saved for backward: with
@@ -182,13 +222,16 @@ class _CarriedGrad(torch.autograd.Function):
 class _ChunkRun:
     """The state of one scheduler call: the model's parts, the batch, the KV store."""
 
-    def __init__(self, hf, config: ChunkwiseConfig, input_ids, target, attention_mask, bounds, normalizer, forward_fn):
+    def __init__(
+        self, hf, config: ChunkwiseConfig, input_ids, target, attention_mask, bounds, normalizer, forward_fn, identical
+    ):
         self.model, self.decoder, self.lm_head = hf, hf.get_decoder(), lm_head(hf)
         self.forward_fn = forward_fn or (lambda kwargs: self.decoder(**kwargs)[0])
         self.cache_key = cache_kwarg(self.decoder)
         self.input_ids, self.target, self.mask = input_ids, target, attention_mask
         self.bounds, self.normalizer = bounds, normalizer
         self.sub_chunk, self.truncate = config.loss_chunk_size, config.truncate
+        self.skip_unsupervised = not identical  # identical schedules: every rank calls the LM head alike
         storage = torch.device("cpu") if config.kv_offload else None
         self.store = KVStore(hf.config.get_text_config().num_hidden_layers, storage)
         self.rng = RngTape(input_ids.device)
@@ -210,7 +253,8 @@ class _ChunkRun:
 
     def loss(self, c: int, hidden: torch.Tensor) -> torch.Tensor:
         s, e = self.bounds[c]
-        return chunk_loss(self.lm_head, hidden, self.target[:, s:e], self.normalizer, self.sub_chunk)
+        target = self.target[:, s:e]
+        return chunk_loss(self.lm_head, hidden, target, self.normalizer, self.sub_chunk, self.skip_unsupervised)
 
     @torch.no_grad()
     def forward_pass(self, weights: dict[int, float], want_loss: bool, has_loss: list[bool]) -> torch.Tensor:
@@ -259,9 +303,13 @@ class _ChunkRun:
                     _CarriedGrad.apply(fk, g[0]) + _CarriedGrad.apply(fv, g[1])
                     for (fk, fv), g in ((cache.fresh[i], g) for i, g in enumerate(carried) if g is not None)
                 )
-                backward_fn(weights[c] * (chunk + inject), boundary and c == order[-1])
+                scalar = weights[c] * (chunk + inject)
+                if isinstance(backward_fn, LocalGrads):
+                    backward_fn.add(scalar, self.store)
+                else:
+                    backward_fn(scalar, boundary and c == order[-1])
                 loss += chunk.detach().double().cpu()
-        if not order and boundary:
+        if not order and boundary and not isinstance(backward_fn, LocalGrads):
             # Nothing replayed (an empty SpaCO draw): the step still needs its boundary
             # backward so an engine reduces gradients; this one adds exactly zero.
             backward_fn(sum(p.reshape(-1)[0] for p in self.trainable) * 0.0, True)

@@ -13,7 +13,7 @@ import os
 import time
 import uuid
 
-BAR_KEYS = ("loss", "tok/s", "peak_gb", "host_gb", "replayed")
+BAR_KEYS = ("loss", "tok/s", "peak_gb", "host_gb", "replayed", "skipped")
 
 
 def tracker_names(report_to: list[str]) -> list[str]:

@@ -380,7 +380,12 @@ def train(args: argparse.Namespace, engine, train_data, eval_data, steps: int, r
         + (f"; resumed from {resume} at step {start}" if resume else "")
     )
     loader = batches(train_data, rows * world, args.seed, start=start)  # the same global batch on every rank
-    save = lambda step: checkpoint.save(engine, ckpt_dir, step, {"step": step}, keep=args.save_total_limit)  # noqa: E731
+
+    def save(step: int) -> None:
+        if not engine.weights_finite():  # never a checkpoint from non-finite weights
+            raise FloatingPointError(f"step {step}: the weights are not finite; not saving over {ckpt_dir}")
+        checkpoint.save(engine, ckpt_dir, step, {"step": step}, keep=args.save_total_limit)
+
     try:
         for step in range(start + 1, steps + 1):
             batch = {k: v[rank * rows : (rank + 1) * rows] for k, v in next(loader).items()}
@@ -411,6 +416,7 @@ def train_step(engine, batch: dict, step: int, world: int) -> dict:
         "tok/s": round(tokens / (time.perf_counter() - t0)),
         **peak_memory_gb(),
         "replayed": sum(len(r.replayed) for r in engine.last_results),
+        "skipped": engine.skipped_steps,  # steps skipped for a non-finite loss or gradient, so far
     } | kv_host(engine)
 
 
@@ -442,6 +448,6 @@ if __name__ == "__main__":
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"  # one line each
     try:
         main()
-    except (ValueError, ConfigError, FileNotFoundError, UnsupportedModelError) as e:
+    except (ValueError, ConfigError, FileNotFoundError, UnsupportedModelError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)  # one clear line, no traceback wall
         sys.exit(2)

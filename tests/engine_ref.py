@@ -27,6 +27,8 @@ def ds_config(stage: int, offload: bool, micro: int = 2, gas: int = 1, bf16: boo
         "bf16": {"enabled": bf16},
         "chunkwise": {"chunk_size": chunk},
     }
+    if stage == 3:  # partition even these tiny parameters (by default small ones stay whole)
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     if offload:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     else:
@@ -41,8 +43,26 @@ def mixed_labels(ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+def two_rank_batches(steps: int = 2, seq: int = 40):
+    """(input_ids, labels, attention_mask) per step, 2 rows: row 1 has 30 tokens (right padding)
+    and is supervised from position 20 on, so its early chunks carry no loss."""
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, 97, (2, seq), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 30:] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[1, :20] = -100
+        out.append((ids, labels, mask))
+    return out
+
+
 def reference_steps(
-    model: torch.nn.Module, batches: list[torch.Tensor], labels: list[torch.Tensor] | None = None
+    model: torch.nn.Module,
+    batches: list[torch.Tensor],
+    labels: list[torch.Tensor] | None = None,
+    masks: list[torch.Tensor] | None = None,
 ) -> tuple[torch.nn.Module, list[float]]:
     """Plain full-sequence backprop + torch AdamW on a copy, one step per batch: (trained copy, losses)."""
     model = copy.deepcopy(model)
@@ -51,7 +71,7 @@ def reference_steps(
     losses = []
     for i, ids in enumerate(batches):
         target = ids if labels is None else labels[i]
-        logits = model(input_ids=ids).logits
+        logits = model(input_ids=ids, attention_mask=None if masks is None else masks[i]).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), target[:, 1:].flatten(), ignore_index=-100)
         loss.backward()
         opt.step()
@@ -63,3 +83,31 @@ def reference_steps(
 def max_param_err(a: torch.nn.Module, b: torch.nn.Module) -> float:
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
     return max(float((pa[k].float() - pb[k]).abs().max() / pb[k].abs().max()) for k in pb if pb[k].requires_grad)
+
+
+def spaco_reference(model: torch.nn.Module, batches, rate: float, seed: int, chunk: int, identical: bool):
+    """One process, each row with the SpaCO draw its rank makes (rank 0's for every row when the
+    ranks run identical schedules, ZeRO-3, which also replay by the rows' joint supervised chunks),
+    normalised by the step's total token count, + torch AdamW: (trained copy, losses)."""
+    from ds_chunk import ChunkScheduler
+    from ds_chunk.chunking import prepare_labels
+
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=ADAMW["lr"], betas=tuple(ADAMW["betas"]), eps=ADAMW["eps"], weight_decay=0.05)
+    scheduler = ChunkScheduler({"chunk_size": chunk, "sparse": {"rate": rate, "seed": seed}})
+    losses = []
+    for step, (ids, labels, mask) in enumerate(batches):
+        supervised = prepare_labels(ids, labels, mask) != -100
+        total = int(supervised.sum())
+        joint = [bool(supervised[:, s : s + chunk].any()) for s in range(0, ids.shape[1], chunk)] if identical else None
+        loss = 0.0
+        for r in range(ids.shape[0]):
+            rows = slice(r, r + 1)
+            result = scheduler.backward(model, ids[rows], labels[rows], mask[rows], num_tokens=total, step=step,
+                                        rank=0 if identical else r, has_loss=joint)  # fmt: skip
+            loss += float(result.loss)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss)
+    return model, losses

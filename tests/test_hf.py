@@ -287,6 +287,8 @@ def test_two_ranks_equal_the_parent(tmp_path, zero):
     """torchrun, 2 CPU ranks (gloo), one row each: DistributedDataParallel, or DeepSpeed ZeRO-1."""
     import subprocess
 
+    from test_ranks import free_port
+
     flags = []
     if zero is not None:
         path = tmp_path / "ds.json"
@@ -301,7 +303,7 @@ def test_two_ranks_equal_the_parent(tmp_path, zero):
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(29563 + (zero or 0)),
+        str(free_port()),
         script,
         "--out",
         str(tmp_path),

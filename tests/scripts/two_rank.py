@@ -1,31 +1,95 @@
-"""Run by `deepspeed --num_gpus 2`: each rank trains on its row; rank 0 saves the result."""
+"""Run by `deepspeed --num_gpus 2`: each rank trains on its row; rank 0 saves the result.
+
+Row 1 of each batch is shorter (right padding) and supervised only after position 33, so
+the ranks run different chunk schedules. Also counts DeepSpeed's collectives per step.
+"""
 
 import argparse
 import os
 import sys
+from collections import Counter
 
+import deepspeed
+import deepspeed.comm as dist
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine_ref import ds_config, lora_model, mixed_labels  # noqa: E402
+from engine_ref import ds_config, lora_model, two_rank_batches  # noqa: E402
+from models import tiny_model  # noqa: E402
 
 import ds_chunk  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 parser.add_argument("--stage", type=int, default=1)
-parser.add_argument("--offload", action="store_true")
+parser.add_argument("--offload", action="store_true", help="offload_optimizer to CPU")
+parser.add_argument("--offload-param", action="store_true", help="ZeRO-3 offload_param to CPU")
+parser.add_argument("--overlap", action="store_true", help="overlap_comm")
+parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+parser.add_argument("--chunk", type=int, default=16)
+parser.add_argument("--spaco", type=float, help="SpaCO rate")
+parser.add_argument("--nan-steps", type=int, nargs="*", default=[], help="steps whose forward turns NaN on rank 1")
+parser.add_argument("--steps", type=int, default=2)
+parser.add_argument("--plain", action="store_true", help="DeepSpeed's own unchunked step, to compare collectives")
 parser.add_argument("--local_rank", type=int, default=0)  # appended by the deepspeed launcher
 args = parser.parse_args()
 
-g = torch.Generator().manual_seed(5)
-batches = [torch.randint(0, 97, (2, 40), generator=g) for _ in range(2)]  # same draw as the test
-engine, *_ = ds_chunk.initialize(model=lora_model(), config=ds_config(args.stage, args.offload, micro=1))
+cfg = ds_config(args.stage, args.offload, micro=1, chunk=args.chunk)
+cfg["zero_optimization"]["overlap_comm"] = args.overlap
+if args.stage == 3:  # partition even these tiny parameters (by default small ones stay whole)
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+if args.offload_param:
+    cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
+if args.spaco is not None:
+    cfg["chunkwise"]["sparse"] = {"rate": args.spaco, "seed": 3}
+cfg["chunkwise"]["max_consecutive_skips"] = 1
+model = tiny_model("llama", dtype=torch.float32, seed=0) if args.full else lora_model()
+engine, *_ = ds_chunk.initialize(model=model, config=cfg)
 rank = torch.distributed.get_rank()
-losses = []
-for ids in batches:
-    labels = mixed_labels(ids)  # the ranks replay different chunks
-    losses.append(engine.train_batch({"input_ids": ids[rank : rank + 1], "labels": labels[rank : rank + 1]}).item())
+
+counts: list[Counter] = []
+NAMES = ("all_reduce", "reduce_scatter_fn", "reduce_scatter_tensor", "reduce", "all_gather_into_tensor", "all_gather",
+         "broadcast", "allgather_fn", "all_to_all_single")  # fmt: skip
+
+
+def counting(name, fn):
+    def call(*a, **kw):
+        counts[-1][name] += 1
+        return fn(*a, **kw)
+
+    return call
+
+
+for name in NAMES:  # DeepSpeed's collectives (ds_chunk's own all-reduces go to torch.distributed)
+    if hasattr(dist, name):
+        setattr(dist, name, counting(name, getattr(dist, name)))
+
+losses, skipped = [], []
+for step, (ids, labels, mask) in enumerate(two_rank_batches(args.steps)):
+    poison = None
+    if step in args.nan_steps and rank == 1:  # a non-finite forward on one rank only
+        embed = engine.hf_model.get_input_embeddings()
+        poison = embed.register_forward_hook(lambda module, inputs, out: out * float("nan"))
+    counts.append(Counter())
+    rows = slice(rank, rank + 1)
+    try:
+        if args.plain:  # engine(...), engine.backward, engine.step on the whole row
+            out = engine(input_ids=ids[rows], labels=labels[rows], attention_mask=mask[rows])
+            engine.backward(out.loss)
+            engine.step()
+            loss = out.loss.detach()
+        else:
+            loss = engine.train_batch({"input_ids": ids[rows], "labels": labels[rows], "attention_mask": mask[rows]})
+    except FloatingPointError as e:
+        print(f"NonFiniteError: {e}", flush=True)
+        break
+    if poison is not None:
+        poison.remove()
+    losses.append(loss.item())
+    skipped.append(engine.skipped_steps)
+trainable = [(k, p) for k, p in engine.hf_model.named_parameters() if p.requires_grad]
+with deepspeed.zero.GatheredParameters([p for _, p in trainable], enabled=args.stage == 3):  # collective
+    params = {k: p.detach().clone() for k, p in trainable}
 if rank == 0:
-    params = {k: p.detach().clone() for k, p in engine.hf_model.named_parameters() if p.requires_grad}
-    torch.save({"losses": losses, "params": params}, os.path.join(args.out, "rank0.pt"))
+    torch.save({"losses": losses, "params": params, "counts": [dict(c) for c in counts], "skipped": skipped},
+               os.path.join(args.out, "rank0.pt"))  # fmt: skip
