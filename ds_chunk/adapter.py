@@ -13,6 +13,7 @@ and the setting.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import re
@@ -47,11 +48,12 @@ def text_config(model: nn.Module):
 
 # ---- what a family's forward does to the logits ----------------------------------------------
 
-# model_type -> (config attribute, transform(logits, value)): applied after the output
-# embedding by that family's *ForCausalLM.forward, elementwise, so the chunked loss applies it too.
-_SOFTCAP = ("final_logit_softcapping", lambda x, cap: torch.tanh(x / cap) * cap)
-_DIVIDE = ("logits_scaling", lambda x, s: x / s)
-_MULTIPLY = ("logit_scale", lambda x, s: x * s)
+# model_type -> (config attribute, transform(logits, v), its derivative(logits, v)): applied
+# after the output embedding by that family's *ForCausalLM.forward, elementwise, so the chunked
+# loss applies it too (and the fused loss its derivative).
+_SOFTCAP = ("final_logit_softcapping", lambda x, c: torch.tanh(x / c) * c, lambda x, c: 1 - torch.tanh(x / c) ** 2)
+_DIVIDE = ("logits_scaling", lambda x, s: x / s, lambda x, s: torch.full_like(x, 1 / s))
+_MULTIPLY = ("logit_scale", lambda x, s: x * s, lambda x, s: torch.full_like(x, s))
 LOGIT_TRANSFORMS = {
     "gemma2": _SOFTCAP,
     "gemma3_text": _SOFTCAP,
@@ -69,20 +71,40 @@ LOGIT_TRANSFORMS = {
 LOGIT_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
 
 
-def lm_head(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """hidden [B, c, H] -> logits [B, c, V] as the model's own forward computes them: the
-    output embedding, then the family's elementwise logit transform, if any."""
+@dataclasses.dataclass(frozen=True)
+class LMHead:
+    """hidden [..., H] -> logits [..., V] as the model's own forward computes them: the output
+    embedding, then the family's elementwise logit transform (``value`` its setting), if any."""
+
+    module: nn.Module
+    transform: Callable | None = None
+    derivative: Callable | None = None
+    value: float | None = None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.module(hidden)
+        return logits if self.transform is None else self.transform(logits, self.value)
+
+    @property
+    def linear(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, bias) when the output embedding is a plain ``nn.Linear`` (not a peft or
+        bitsandbytes layer): what a fused loss can multiply by itself; None otherwise. Under
+        ZeRO-3 they are partitions: gather them (``zero3.gathered``) around their use."""
+        m = self.module
+        if type(m) is not nn.Linear:
+            return None
+        return m.weight, m.bias
+
+
+def lm_head(model: nn.Module) -> LMHead:
+    """The model's LM head: its output embedding and its family's logit transform."""
     head = unwrap(model).get_output_embeddings()
     cfg = text_config(model)
-    attr, transform = LOGIT_TRANSFORMS.get(getattr(cfg, "model_type", None), (None, None))
+    attr, transform, derivative = LOGIT_TRANSFORMS.get(getattr(cfg, "model_type", None), (None, None, None))
     value = getattr(cfg, attr, None) if attr else None
     if value is None:
-        return head
-    return functools.partial(_transformed, head, transform, value)
-
-
-def _transformed(head: nn.Module, transform, value: float, hidden: torch.Tensor) -> torch.Tensor:
-    return transform(head(hidden), value)
+        return LMHead(head)
+    return LMHead(head, transform, derivative, value)
 
 
 # ---- what cannot be chunked exactly --------------------------------------------------------

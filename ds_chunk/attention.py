@@ -35,8 +35,15 @@ def chunk_sdpa(module: nn.Module, query, key, value, attention_mask, dropout=0.0
     extra = kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None
     if attention_mask is not None or extra or (window is not None and window < kv_len):
         raise RuntimeError(f"{NAME} computes plain causal attention only (mask, sinks, softcap or window given)")
+    if not query.is_cuda:
+        if dropout:
+            raise RuntimeError(f"{NAME} on CPU computes attention without dropout only")
+        if torch.is_autocast_enabled("cpu"):  # as SDPA under autocast: all three in its dtype
+            query, key, value = (t.to(torch.get_autocast_dtype("cpu")) for t in (query, key, value))
+        out = _PrefixAndDiagonal.apply(query, key, value, kv_len - q_len, scaling)
+        return out.transpose(1, 2).contiguous(), None
     gqa = query.shape[1] != key.shape[1]
-    if query.is_cuda and not _flash_supports(query, key, value, dropout):
+    if not _flash_supports(query, key, value, dropout):
         # not expected (the scheduler checked the shapes); never let SDPA fall back to its math
         # kernel, which would build [B, heads, C, P + C] scores: repeat K/V as HF does
         key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
@@ -47,6 +54,47 @@ def chunk_sdpa(module: nn.Module, query, key, value, attention_mask, dropout=0.0
         query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa
     )  # [B, heads, C, d]
     return out.transpose(1, 2).contiguous(), None
+
+
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _PrefixAndDiagonal(torch.autograd.Function):
+    """A chunk's causal attention on CPU as two flash calls without a mask: its queries over the
+    prefix keys (all visible) and over its own keys (``is_causal``, a square block), merged by
+    log-sum-exp, as ring and flash-decoding attention do. The backward runs the flash backward
+    of each part with the merged output and log-sum-exp, which gives exactly the gradient of the
+    whole softmax. query [B, heads, C, d]; key, value [B, kv_heads, P + C, d] (GQA: fewer heads)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, prefix: int, scale):
+        ctx.prefix, ctx.scale = prefix, scale
+        own = _FLASH_CPU(query, key[:, :, prefix:], value[:, :, prefix:], 0.0, True, scale=scale)
+        if prefix == 0:
+            out, lse = own
+        else:
+            (o1, l1), (o2, l2) = (
+                _FLASH_CPU(query, key[:, :, :prefix], value[:, :, :prefix], 0.0, False, scale=scale),
+                own,
+            )
+            lse = torch.logaddexp(l1, l2)  # [B, heads, C], float32 (float64 for float64 inputs)
+            w1, w2 = ((part - lse).exp().unsqueeze(-1) for part in (l1, l2))
+            out = (o1.to(w1.dtype) * w1 + o2.to(w2.dtype) * w2).to(query.dtype)
+        ctx.save_for_backward(query, key, value, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, lse = ctx.saved_tensors
+        p, grad_out = ctx.prefix, grad_out.contiguous()
+        dq, dk, dv = _FLASH_CPU_BACKWARD(grad_out, query, key[:, :, p:], value[:, :, p:], out, lse, 0.0, True,
+                                         scale=ctx.scale)  # fmt: skip
+        if p:
+            dq1, dk1, dv1 = _FLASH_CPU_BACKWARD(grad_out, query, key[:, :, :p], value[:, :, :p], out, lse, 0.0, False,
+                                                scale=ctx.scale)  # fmt: skip
+            dq, dk, dv = dq + dq1, torch.cat([dk1, dk], dim=2), torch.cat([dv1, dv], dim=2)
+        return dq, dk, dv, None, None
 
 
 def _flash_supports(query, key, value, dropout: float) -> bool:
@@ -60,10 +108,15 @@ def _flash_supports(query, key, value, dropout: float) -> bool:
 
 
 def flash_eligible(model: nn.Module, device: torch.device) -> bool:
-    """Whether flash attention takes this model's attention on ``device`` (probed on tiny tensors)."""
+    """Whether flash attention takes this model's attention on ``device`` (probed on tiny tensors;
+    on CPU: torch's CPU flash kernel, without attention dropout)."""
+    cfg = model.config.get_text_config()
+    if device.type == "cpu":
+        dropout = float(getattr(cfg, "attention_dropout", 0.0) or 0.0) if model.training else 0.0
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        return dropout == 0.0 and dtype in (torch.float32, torch.bfloat16, torch.float64)
     if device.type != "cuda":
         return False
-    cfg = model.config.get_text_config()
     heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # 4-bit weights are uint8
@@ -99,7 +152,11 @@ def chunk_attention(model: nn.Module, padded: bool, device: torch.device) -> Ite
     """
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     cfg = getattr(decoder, "config", None)
-    use = getattr(cfg, "_attn_implementation_internal", None) == "sdpa" and not padded and plain_causal(cfg)
+    # only models whose attention layers dispatch through transformers' attention interface:
+    # others (Falcon, Bloom, GPT-Neo, ...) read the name themselves and would take another path
+    interface = getattr(type(decoder), "_supports_attention_backend", False)
+    sdpa = getattr(cfg, "_attn_implementation_internal", None) == "sdpa"
+    use = interface and sdpa and not padded and plain_causal(cfg)
     if not (use and flash_eligible(model, device)):
         yield False
         return

@@ -8,12 +8,13 @@ crash at any moment leaves the previous checkpoint usable.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 
 import torch
+
+from ds_chunk.zero3 import gathered, partitioned
 
 
 def _rank() -> int:
@@ -89,16 +90,9 @@ def find(path: str) -> str:
 
 
 def _gathered(model):
-    """ZeRO-3 partitions parameters between forwards: gather the ones save_pretrained writes
-    (the adapter's for peft, all otherwise); a no-op without ZeRO-3."""
-    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    if hasattr(model, "peft_config"):
-        params = [p for p in params if p.requires_grad]
-    return deepspeed.zero.GatheredParameters(params)
+    """ZeRO-3: the parameters save_pretrained writes (the adapter's for peft, all otherwise)."""
+    params = partitioned(model.parameters())
+    return gathered([p for p in params if p.requires_grad] if hasattr(model, "peft_config") else params)
 
 
 def latest(root: str) -> str | None:

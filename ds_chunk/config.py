@@ -97,8 +97,11 @@ class SparseConfig:
         supervised token) or a list of chunk indices (negative counts from the end).
     seed: the draw of step s is a function of (seed, step[, rank]).
     same_on_all_ranks: draw the same chunks on every data-parallel rank.
-    report_loss: compute the true full-sequence loss for non-replayed chunks in the
-        no-grad pass (costs the LM head on those chunks).
+    report_loss: what ``ChunkResult.loss`` is: ``"estimate"`` (default, free) the weighted
+        sum of the replayed chunks' losses, sum of w_i * L_i, an unbiased estimate of the
+        full-sequence loss; ``"exact"`` (or true) the full loss, with the LM head run on the
+        non-replayed chunks in the no-grad pass; ``"off"`` (or false) NaN, and chunks after
+        the last replayed one are not run at all.
     """
 
     sampler: Literal["bernoulli", "paper"] = "bernoulli"
@@ -108,7 +111,7 @@ class SparseConfig:
     max_compensation: float | None = None
     seed: int = 0
     same_on_all_ranks: bool = False
-    report_loss: bool = True
+    report_loss: Literal["estimate", "exact", "off"] = "estimate"
 
     @classmethod
     def from_dict(cls, block: dict, prefix: str = "chunkwise.sparse") -> SparseConfig:
@@ -141,7 +144,9 @@ class SparseConfig:
             cap = float(cap)
         seed = _int(f"{prefix}.seed", b.get("seed", 0), 0)
         same = _bool(f"{prefix}.same_on_all_ranks", b.get("same_on_all_ranks", False))
-        report = _bool(f"{prefix}.report_loss", b.get("report_loss", True))
+        report = b.get("report_loss", "estimate")
+        report = {True: "exact", False: "off"}.get(report, report) if isinstance(report, bool) else report
+        report = _choice(f"{prefix}.report_loss", report, ("estimate", "exact", "off"))
         return cls(sampler, rate, num_chunks, always, cap, seed, same, report)
 
 
@@ -152,8 +157,10 @@ class ChunkwiseConfig:
     enabled: chunk-wise training on/off (off: one chunk, i.e. plain backprop).
     chunk_size: tokens per chunk (the last chunk may be shorter).
     sparse: SpaCO settings, or None for exact SeCO.
-    loss_chunk_size: tokens per LM-head/cross-entropy sub-chunk, so a chunk's full
-        [chunk x vocab] logits never exist at once; null = the whole chunk.
+    loss_chunk_size: positions per LM-head/cross-entropy sub-chunk, so a chunk's full
+        [chunk x vocab] logits never exist at once. Absent: picked from the vocabulary
+        (``loss.auto_sub_chunk``: about 32 MiB of float32 logits; 256 for a 32K vocabulary,
+        64 for 128K); null: the whole chunk at once.
     kv_offload: keep the KV leaves and their gradients in host memory.
     truncate: baseline only, for comparison: carry no gradient across chunk boundaries
         (truncated backprop); the gradient is then NOT the full-sequence gradient.
@@ -164,7 +171,7 @@ class ChunkwiseConfig:
     enabled: bool = True
     chunk_size: int = 512
     sparse: SparseConfig | None = None
-    loss_chunk_size: int | None = None
+    loss_chunk_size: int | Literal["auto"] | None = "auto"  # "auto": only as the default, not in JSON
     kv_offload: bool = False
     truncate: bool = False
     max_consecutive_skips: int = 5
@@ -181,7 +188,9 @@ class ChunkwiseConfig:
             enabled=_bool(f"{prefix}.enabled", b.get("enabled", True)),
             chunk_size=_int(f"{prefix}.chunk_size", b.get("chunk_size", 512), 1),
             sparse=None if sparse is None else SparseConfig.from_dict(sparse, f"{prefix}.sparse"),
-            loss_chunk_size=_int(f"{prefix}.loss_chunk_size", b.get("loss_chunk_size"), 1, optional=True),
+            loss_chunk_size=_int(f"{prefix}.loss_chunk_size", b["loss_chunk_size"], 1, optional=True)
+            if "loss_chunk_size" in b
+            else "auto",
             kv_offload=_bool(f"{prefix}.kv_offload", b.get("kv_offload", False)),
             truncate=_bool(f"{prefix}.truncate", b.get("truncate", False)),
             max_consecutive_skips=_int(f"{prefix}.max_consecutive_skips", b.get("max_consecutive_skips", 5), 0),

@@ -275,8 +275,7 @@ class ChunkwiseEngine:
 
     def _all_finite(self, grads) -> bool:
         """Whether the step's loss and gradient are finite on every rank (one all-reduce)."""
-        report = self.scheduler.sampler is None or self.scheduler.sampler.config.report_loss
-        finite = all(bool(torch.isfinite(r.loss)) for r in self.last_results) if report else True
+        finite = all(bool(torch.isfinite(r.loss)) for r in self.last_results if r.loss_kind != "off")
         finite = finite and all(g is None or bool(torch.isfinite(g).all()) for _, g in grads)
         flag = torch.tensor(float(finite), device=self.engine.device)
         return bool(self._all_reduce(flag, torch.distributed.ReduceOp.MIN) > 0)

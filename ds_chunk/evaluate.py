@@ -13,6 +13,7 @@ from ds_chunk.attention import chunk_attention
 from ds_chunk.bnb import no_cpu_inference_packing
 from ds_chunk.chunking import IGNORE_INDEX, chunk_bounds, prepare_labels
 from ds_chunk.kv import ChunkCache, KVStore
+from ds_chunk.loss import auto_sub_chunk
 
 
 @torch.no_grad()
@@ -42,6 +43,18 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], chunk
     }
 
 
+def _nll_and_hits(head, hidden: torch.Tensor, target: torch.Tensor, vocab: int, totals: dict) -> torch.Tensor:
+    """Add the CE sum of hidden [n, H] to totals; whether each argmax is right. In sub-chunks of
+    the training loss's size, so no more than that many logits exist."""
+    step = auto_sub_chunk(vocab)
+    hits = []
+    for s in range(0, hidden.shape[0], step):
+        logits = head(hidden[s : s + step]).float()  # [step, V]
+        totals["nll"] += float(torch.nn.functional.cross_entropy(logits, target[s : s + step], reduction="sum"))
+        hits.append(logits.argmax(-1) == target[s : s + step])
+    return torch.cat(hits)
+
+
 def _accumulate(hf: nn.Module, batch: dict, chunk_size: int, totals: dict) -> None:
     device = next(hf.parameters()).device
     ids, labels, mask = (
@@ -49,7 +62,8 @@ def _accumulate(hf: nn.Module, batch: dict, chunk_size: int, totals: dict) -> No
     )
     target = prepare_labels(ids, labels, mask)
     decoder, head = hf.get_decoder(), lm_head(hf)
-    store, key = KVStore(hf.config.get_text_config().num_hidden_layers), cache_kwarg(decoder)
+    text = hf.config.get_text_config()
+    store, key, vocab = KVStore(text.num_hidden_layers), cache_kwarg(decoder), text.vocab_size
     row_wrong = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     padded = mask is not None and not bool(mask.all())
     with chunk_attention(hf, padded, device), full_length_rope(hf, ids.shape[1]):
@@ -65,9 +79,7 @@ def _accumulate(hf: nn.Module, batch: dict, chunk_size: int, totals: dict) -> No
             keep = t != IGNORE_INDEX
             if not keep.any():
                 continue
-            logits = head(hidden[keep]).float()  # only supervised positions: [n, V]
-            totals["nll"] += float(torch.nn.functional.cross_entropy(logits, t[keep], reduction="sum"))
-            hit = logits.argmax(-1) == t[keep]
+            hit = _nll_and_hits(head, hidden[keep], t[keep], vocab, totals)  # only supervised positions
             totals["tokens"] += int(keep.sum())
             totals["correct"] += int(hit.sum())
             wrong = torch.zeros_like(keep)

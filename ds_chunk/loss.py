@@ -1,49 +1,137 @@
-"""Chunk loss: LM head + cross-entropy, optionally in sub-chunks, normalised globally."""
+"""Chunk loss: LM head + cross-entropy in sub-chunks, fused with its gradient, normalised globally.
+
+For a plain ``nn.Linear`` head the loss of a sub-chunk and its gradients (w.r.t. the hidden
+states, and the head's weight and bias when they train) are made in the same pass: the
+logits of one sub-chunk are the only [tokens x V] tensor that ever exists, and the backward
+only scales the saved gradients (Liger-Kernel's fused linear cross-entropy, in torch).
+Under ZeRO-3 a frozen head's weight is gathered for the call (LoRA: the usual case). Other
+heads (peft LoRA on the head, bitsandbytes) run the head module per sub-chunk under
+non-reentrant checkpointing instead; a trained head under ZeRO-3 runs the module per
+sub-chunk without recompute (ZeRO-3 re-gathers a weight only for its module's own backward),
+so those sub-chunks' logits stay for the backward. Label smoothing is not supported.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ds_chunk.adapter import LMHead
 from ds_chunk.chunking import IGNORE_INDEX
+from ds_chunk.zero3 import gathered, partitioned
+
+LOGITS_BUDGET = 32 * 2**20  # bytes of float32 logits per sub-chunk when loss_chunk_size is left to us
 
 
-def _ce_sum(lm_head: Callable, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(hidden)  # [B, c, V]
+def auto_sub_chunk(vocab: int, rows: int = 1) -> int:
+    """Positions per LM-head sub-chunk: the largest power of two whose float32 logits
+    [rows, positions, vocab] fit in ``LOGITS_BUDGET`` (32 MiB), from 16 to 4096.
+    Vocabulary 32,000: 256; Llama-3's 128,256: 64."""
+    fit = max(1, LOGITS_BUDGET // (4 * vocab * rows))
+    return int(min(4096, max(16, 2 ** math.floor(math.log2(fit)))))
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
     # HF upcasts half-precision logits to float32 for the loss; keep float64 as is.
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _ce_sum(head: LMHead, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    logits = _upcast(head(hidden))  # [n, V]
+    return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _block_ce_and_grad(head: LMHead, h, t, weight, bias, scale: float):
+    """CE sum of one block, hidden [n, H], target [n], and ``scale`` x d CE / d logits [n, V]
+    in the logits' own dtype: what the unfused path hands the LM head's matmul backward for
+    the loss CE sum x scale (scaled before the matmul, as there, so the roundings agree)."""
+    raw = F.linear(h, weight, bias)  # [n, V], as the module computes it (autocast applies)
+    logits = _upcast(raw)
+    z = logits if head.transform is None else head.transform(logits, head.value)
+    keep = t != IGNORE_INDEX
+    safe = t.masked_fill(~keep, 0).unsqueeze(1)
+    lse = torch.logsumexp(z, dim=-1)
+    ce = ((lse - z.gather(1, safe).squeeze(1)) * keep).sum()
+    # d CE / d z = softmax(z) - onehot(t) on supervised rows, 0 on ignored ones
+    dz = (z - lse.unsqueeze(1)).exp_().mul_(keep.unsqueeze(1))
+    dz.scatter_add_(1, safe, -keep.unsqueeze(1).to(dz.dtype))
+    dz.mul_(scale)
+    if head.derivative is not None:
+        dz.mul_(head.derivative(logits, head.value))
+    return ce, dz.to(raw.dtype)
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """sum of token CE of ``head(hidden)`` over a chunk / ``normalizer``, hidden [B, C, H], target
+    [B, C], in blocks of ``step`` positions; the gradients are made in the forward, block by
+    block (the weight's summed into one buffer), and the backward returns them scaled."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, normalizer: float, step: int, skip: bool, head: LMHead):
+        grad_h = torch.zeros_like(hidden) if hidden.requires_grad else None
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if weight.requires_grad else None
+        grad_b = (
+            torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and bias.requires_grad else None
+        )
+        total = hidden.new_zeros((), dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+        for s in range(0, hidden.shape[1], step):
+            h, t = hidden[:, s : s + step].flatten(0, 1), target[:, s : s + step].flatten()
+            if skip and not (t != IGNORE_INDEX).any():
+                continue
+            ce, d = _block_ce_and_grad(head, h, t, weight, bias, 1.0 / normalizer)
+            total += ce.to(total.dtype)
+            if grad_h is not None:
+                grad_h[:, s : s + step] = (d @ weight.to(d.dtype)).view(hidden.shape[0], -1, hidden.shape[2])
+            if grad_w is not None:
+                grad_w += d.t() @ h.to(d.dtype)
+            if grad_b is not None:
+                grad_b += d.sum(0)
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        ctx.save_for_backward(grad_h, cast(grad_w, weight), cast(grad_b, bias) if grad_b is not None else None)
+        return total / normalizer
+
+    @staticmethod
+    def backward(ctx, out):
+        grads = (None if g is None else g * out.to(g.dtype) for g in ctx.saved_tensors)
+        return *grads, None, None, None, None, None
 
 
 def chunk_loss(
-    lm_head: Callable[[torch.Tensor], torch.Tensor],
+    head: LMHead,
     hidden: torch.Tensor,
     target: torch.Tensor,
-    normalizer: int,
+    normalizer: float,
     sub_chunk: int | None = None,
     skip_unsupervised: bool = True,
 ) -> torch.Tensor:
     """sum of token CE over the chunk / normalizer (the supervised tokens of the whole step).
 
-    lm_head: hidden -> logits as the model computes them (``adapter.lm_head``).
-    hidden: [B, C, H] final hidden states; target: [B, C] globally shifted labels.
-    With ``sub_chunk``, the LM head runs on ``sub_chunk`` tokens at a time under
-    non-reentrant checkpointing, so at most [B, sub_chunk, V] logits exist at once in
-    forward and in backward. Sub-chunks without a supervised token are skipped, unless
+    head: ``adapter.lm_head(model)``. hidden: [B, C, H] final hidden states; target: [B, C]
+    globally shifted labels. The head runs on ``sub_chunk`` positions (all rows) at a time
+    (None: the whole chunk). Sub-chunks without a supervised token are skipped, unless
     ``skip_unsupervised`` is False (ranks that must call the LM head alike: ZeRO-3).
     """
     step = sub_chunk or hidden.shape[1]
+    parts = head.linear
+    zero3 = partitioned(head.module.parameters())
+    if any(p.requires_grad for p in zero3):
+        parts = None
+    if skip_unsupervised and not (target != IGNORE_INDEX).any():
+        return hidden.new_zeros((), dtype=torch.float32 if hidden.dtype != torch.float64 else torch.float64)
+    if parts is not None and torch.is_grad_enabled():
+        with gathered(p for p in parts if p is not None):  # ZeRO-3: a collective, every rank calls it
+            args = (target, normalizer, step, skip_unsupervised, head)
+            return _FusedLinearCE.apply(hidden, parts[0], parts[1], *args)
+    recompute = sub_chunk is not None and torch.is_grad_enabled() and not zero3
     total = hidden.new_zeros((), dtype=torch.float32 if hidden.dtype != torch.float64 else torch.float64)
     for s in range(0, hidden.shape[1], step):
-        h, t = hidden[:, s : s + step], target[:, s : s + step]
+        h, t = hidden[:, s : s + step].flatten(0, 1), target[:, s : s + step].flatten()
         if skip_unsupervised and not (t != IGNORE_INDEX).any():
             continue
-        if sub_chunk is None or not torch.is_grad_enabled():
-            total = total + _ce_sum(lm_head, h, t)
-        else:
-            total = total + checkpoint(_ce_sum, lm_head, h, t, use_reentrant=False)
+        ce = checkpoint(_ce_sum, head, h, t, use_reentrant=False) if recompute else _ce_sum(head, h, t)
+        total = total + ce
     return total / normalizer

@@ -80,3 +80,26 @@ def announce_op_builds() -> Iterator[None]:
         yield
     finally:
         OpBuilder.jit_load = original
+
+
+SHM_DIR = "/dev/shm"
+
+
+def remove_shm_buffers(port: int | str, rank: int | None = None) -> int:
+    """Unlink the shared-memory all-reduce buffers (64 MiB each, one per rank) that DeepSpeed's
+    CPU comm op creates for the run on ``port`` and never unlinks: every CPU multi-rank run
+    would otherwise leave them in /dev/shm until it is full. Call once every rank is done
+    with them (the mappings stay valid; the memory goes with the last process). ``rank``:
+    only that rank's buffer. Returns how many were removed."""
+    if not os.path.isdir(SHM_DIR):
+        return 0
+    tail = f"_{port}_{rank}" if rank is not None else f"_{port}_"
+    removed = 0
+    for name in os.listdir(SHM_DIR):
+        if name.startswith("deepspeed_allreduce_buffer_") and (
+            name.endswith(tail) if rank is not None else tail in name
+        ):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed += 1
+    return removed

@@ -34,7 +34,7 @@ from ds_chunk.bnb import no_cpu_inference_packing
 from ds_chunk.chunking import IGNORE_INDEX, check_inputs, chunk_bounds, prepare_labels
 from ds_chunk.config import ChunkwiseConfig
 from ds_chunk.kv import ChunkCache, KVStore
-from ds_chunk.loss import chunk_loss
+from ds_chunk.loss import auto_sub_chunk, chunk_loss
 from ds_chunk.offload import SaveOnHost
 from ds_chunk.rng import RngTape
 from ds_chunk.sampling import ChunkSampler
@@ -56,8 +56,9 @@ def autograd_backward(scalar: torch.Tensor, is_last: bool) -> None:
 class ChunkResult:
     """What one ``ChunkScheduler.backward`` did.
 
-    loss: full-sequence mean CE over supervised tokens (HF convention), detached;
-        NaN when SpaCO skipped it (``report_loss: false``).
+    loss: full-sequence mean CE over supervised tokens (HF convention), detached. SpaCO:
+        what ``sparse.report_loss`` asks for (``loss_kind``): "exact", "estimate" (the
+        weighted sum of the replayed chunks' losses, unbiased) or "off" (NaN).
     num_tokens: the normaliser (supervised tokens) the chunk losses were divided by.
     replayed: chunks replayed with autograd, ascending; weights: chunk -> 1/pi.
     host_peak_bytes: with kv_offload, the most host memory the call held at once (KV
@@ -70,6 +71,7 @@ class ChunkResult:
     replayed: list[int] = field(default_factory=list)
     weights: dict[int, float] = field(default_factory=dict)
     host_peak_bytes: int = 0
+    loss_kind: str = "exact"
 
 
 class ChunkScheduler:
@@ -141,18 +143,17 @@ class ChunkScheduler:
         self.calls += 1
 
         run = _ChunkRun(hf, self.config, input_ids, target, attention_mask, bounds, n, forward_fn, identical)
-        report = self.sampler is None or self.sampler.config.report_loss
+        kind = "exact" if self.sampler is None else self.sampler.config.report_loss
         with (
             no_cpu_inference_packing(hf),
             full_length_rope(hf, input_ids.shape[1]),
             chunk_attention(hf, attention_mask is not None, input_ids.device),
         ):
-            loss = run.forward_pass(weights, report and self.sampler is not None, has_loss)
-            loss += run.replay(weights, backward_fn or self.backward_fn, boundary)
-        if not report:
-            loss = torch.tensor(float("nan"))
+            loss = run.forward_pass(weights, kind == "exact" and self.sampler is not None, has_loss)
+            replayed, weighted = run.replay(weights, backward_fn or self.backward_fn, boundary)
+        loss = {"exact": loss + replayed, "estimate": weighted, "off": torch.tensor(float("nan"))}[kind]
         host = run.store.memory.peak
-        return ChunkResult(loss.detach(), n, len(bounds), sorted(weights), weights, host)
+        return ChunkResult(loss.detach(), n, len(bounds), sorted(weights), weights, host, kind)
 
     def _plan(self, has_loss: list[bool], sampled: list[int] | None, step: int, rank: int) -> dict[int, float]:
         """chunk -> weight for the chunks to replay; chunks that cannot carry gradient are dropped."""
@@ -231,6 +232,8 @@ class _ChunkRun:
         self.input_ids, self.target, self.mask = input_ids, target, attention_mask
         self.bounds, self.normalizer = bounds, normalizer
         self.sub_chunk, self.truncate = config.loss_chunk_size, config.truncate
+        if self.sub_chunk == "auto":
+            self.sub_chunk = auto_sub_chunk(hf.config.get_text_config().vocab_size, input_ids.shape[0])
         self.skip_unsupervised = not identical  # identical schedules: every rank calls the LM head alike
         storage = torch.device("cpu") if config.kv_offload else None
         self.store = KVStore(hf.config.get_text_config().num_hidden_layers, storage)
@@ -286,9 +289,10 @@ class _ChunkRun:
             return contextlib.nullcontext()
         return SaveOnHost(self.model, self.store.storage, self.store.memory)
 
-    def replay(self, weights: dict[int, float], backward_fn: BackwardFn, boundary: bool) -> torch.Tensor:
-        """Reverse replay with autograd; returns the unweighted loss of the replayed chunks."""
-        loss = torch.zeros((), dtype=torch.float64)
+    def replay(self, weights: dict[int, float], backward_fn: BackwardFn, boundary: bool) -> tuple:
+        """Reverse replay with autograd; returns the loss of the replayed chunks, unweighted and
+        weighted (sum of w_i * L_i: SpaCO's unbiased estimate of the full loss)."""
+        loss, weighted = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         order = sorted(weights, reverse=True)
         after = None  # the RNG after the last chunk's draws, as one forward would leave it
         with cache_under_checkpointing(self.decoder), self.offload_saved():
@@ -309,6 +313,7 @@ class _ChunkRun:
                 else:
                     backward_fn(scalar, boundary and c == order[-1])
                 loss += chunk.detach().double().cpu()
+                weighted += weights[c] * chunk.detach().double().cpu()
         if not order and boundary and not isinstance(backward_fn, LocalGrads):
             # Nothing replayed (an empty SpaCO draw): the step still needs its boundary
             # backward so an engine reduces gradients; this one adds exactly zero.
@@ -317,4 +322,4 @@ class _ChunkRun:
             self.rng.restore(after)
         else:  # the last chunk was not run: the state after the chunks that were
             self.rng.replay(self.end)
-        return loss
+        return loss, weighted

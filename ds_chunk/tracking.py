@@ -13,7 +13,7 @@ import os
 import time
 import uuid
 
-BAR_KEYS = ("loss", "tok/s", "peak_gb", "host_gb", "replayed", "skipped")
+BAR_KEYS = ("loss", "loss_est", "tok/s", "peak_gb", "host_gb", "replayed", "skipped")  # loss_est: SpaCO's estimate
 
 
 def tracker_names(report_to: list[str]) -> list[str]:

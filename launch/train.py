@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     c = p.add_argument_group("chunking (overrides the config's chunkwise block)")
     c.add_argument("--chunk-size", type=int, help="chunkwise.chunk_size")
     c.add_argument("--sparse-rate", type=float, help="SpaCO: replay each chunk with this probability")
+    c.add_argument("--always-replay", choices=["supervised"], help="SpaCO: chunks with a supervised token replayed "
+                   "always (chunkwise.sparse.always_replay)")  # fmt: skip
     c.add_argument("--truncate", action="store_true", help="baseline: no gradient across chunk boundaries")
     c.add_argument("--kv-offload", action="store_true", help="KV cache, its gradient and saved tensors in host memory")
     o = p.add_argument_group("optimisation (overrides the config's DeepSpeed keys)")
@@ -145,7 +147,8 @@ def load_config(args: argparse.Namespace, micro_batch: int | None = None) -> dic
         except json.JSONDecodeError as e:
             raise ValueError(f"{args.deepspeed_config}:{e.lineno}: not valid JSON ({e.msg})") from None
     warn_misspelled_blocks(cfg, args.deepspeed_config)
-    chunk_flags = (args.chunk_size, args.sparse_rate, args.truncate or None, args.kv_offload or None)
+    chunk_flags = (args.chunk_size, args.sparse_rate, args.always_replay, args.truncate or None,
+                   args.kv_offload or None)  # fmt: skip
     if "chunkwise" not in cfg and all(flag is None for flag in chunk_flags):
         cfg["chunkwise"] = {"enabled": False}  # a plain DeepSpeed config trains unchunked, as the library does
     cfg["chunkwise"] = chunkwise_block(args, cfg.get("chunkwise", {}))
@@ -175,6 +178,8 @@ def chunkwise_block(args: argparse.Namespace, block: dict) -> dict:
     if args.sparse_rate is not None:
         chunkwise["sparse"] = {**chunkwise.get("sparse", {}), "rate": args.sparse_rate}
         chunkwise["sparse"].pop("num_chunks", None)
+    if args.always_replay:
+        chunkwise["sparse"] = {**chunkwise.get("sparse", {}), "always_replay": args.always_replay}
     if args.truncate:
         chunkwise["truncate"] = True
     if args.kv_offload:
@@ -405,15 +410,24 @@ def train(args: argparse.Namespace, engine, train_data, eval_data, steps: int, r
     return history
 
 
+def loss_key(engine) -> str | None:
+    """The record key of the step's loss: "loss" (exact), "loss_est" (SpaCO's unbiased
+    estimate, sum of w_i * L_i over the replayed chunks), None (SpaCO with report_loss off)."""
+    kinds = {r.loss_kind for r in engine.last_results}
+    return "loss_est" if "estimate" in kinds else None if kinds == {"off"} else "loss"
+
+
 def train_step(engine, batch: dict, step: int, world: int) -> dict:
     t0 = time.perf_counter()
     loss = engine.train_batch(batch).item()
     tokens = int(batch["attention_mask"].sum()) * world
+    key = loss_key(engine)
     return {
         "step": step,
-        "loss": loss,
+        **({} if key is None else {key: loss}),
         "lr": engine.get_lr()[0],
         "tok/s": round(tokens / (time.perf_counter() - t0)),
+        "step_s": round(time.perf_counter() - t0, 4),  # wall seconds of the step (quality per second)
         **peak_memory_gb(),
         "replayed": sum(len(r.replayed) for r in engine.last_results),
         "skipped": engine.skipped_steps,  # steps skipped for a non-finite loss or gradient, so far
@@ -442,12 +456,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return train(args, engine, train_data, eval_data, steps, resume, cfg)
 
 
+def leave_together() -> None:
+    """Ranks leave the process group together: one that exits while ZeRO-3 still talks to it
+    can abort the other at exit (exit code 250 after a finished run)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        rank = torch.distributed.get_rank()
+        torch.distributed.destroy_process_group()
+        if "MASTER_PORT" in os.environ:  # DeepSpeed's CPU comm op leaves 64 MiB per rank in /dev/shm
+            from ds_chunk.ops import remove_shm_buffers
+
+            remove_shm_buffers(os.environ["MASTER_PORT"], rank)
+
+
 if __name__ == "__main__":
     from ds_chunk.adapter import UnsupportedModelError
 
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"  # one line each
     try:
         main()
+        leave_together()
     except (ValueError, ConfigError, FileNotFoundError, UnsupportedModelError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)  # one clear line, no traceback wall
         sys.exit(2)

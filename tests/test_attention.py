@@ -59,9 +59,10 @@ def test_implementation_is_restored_after_an_error(monkeypatch):
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_not_switched_on_cpu_or_for_eager():
-    model = tiny_model("llama")
-    assert not attention.flash_eligible(model, torch.device("cpu"))
+def test_switched_on_cpu_only_without_attention_dropout_and_not_for_eager():
+    assert attention.flash_eligible(tiny_model("llama"), torch.device("cpu"))
+    dropout = tiny_model("llama", attention_dropout=0.1).train()
+    assert not attention.flash_eligible(dropout, torch.device("cpu"))
     eager = tiny_model("llama", attn_implementation="eager")
     with attention.chunk_attention(eager, padded=False, device=torch.device("cpu")) as switched:
         assert not switched and eager.config._attn_implementation == "eager"
@@ -107,3 +108,22 @@ def test_flash_probe_asks_what_causal_lower_right_runs(monkeypatch):
     (params,) = asked
     assert params.attn_mask is None and not params.is_causal and params.enable_gqa
     assert params.query.shape[2] < params.key.shape[2] and params.query.requires_grad
+
+
+def test_cpu_chunk_attention_runs_and_is_exact(monkeypatch):
+    """On CPU an sdpa model's chunks take the two-call flash path (prefix + diagonal), exactly."""
+    from models import grads, max_rel_err, reference_loss
+
+    from ds_chunk import ChunkScheduler
+
+    calls = []
+    original = attention._PrefixAndDiagonal.forward
+    monkeypatch.setattr(attention._PrefixAndDiagonal, "forward", lambda *a: calls.append(a[4]) or original(*a))
+    model = tiny_model("qwen3")  # GQA: 4 query heads over 2 K/V heads
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(4))
+    reference_loss(model, ids).backward()
+    want = grads(model)
+    model.zero_grad()
+    ChunkScheduler({"chunk_size": 16}).backward(model, ids)
+    assert max_rel_err(grads(model), want) < 1e-12
+    assert sorted(set(calls)) == [0, 16, 32]  # prefix lengths of the three chunks

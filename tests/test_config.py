@@ -10,6 +10,8 @@ from ds_chunk import ChunkwiseConfig, ConfigError, SparseConfig
 def test_defaults_and_roundtrip(tmp_path):
     cfg = ChunkwiseConfig.from_dict({"chunk_size": 128})
     assert cfg == ChunkwiseConfig(enabled=True, chunk_size=128)
+    assert cfg.loss_chunk_size == "auto"  # absent: picked from the vocabulary
+    assert ChunkwiseConfig.from_dict({"loss_chunk_size": None}).loss_chunk_size is None  # null: the whole chunk
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 1, "chunkwise": {"chunk_size": 64}}))
     assert ChunkwiseConfig.from_ds_config(path).chunk_size == 64
@@ -57,6 +59,9 @@ def test_sparse_block():
         ),
         ({"sparse": {"rate": 0.5, "seed": -1}}, "chunkwise.sparse.seed", "integer >= 0"),
         ({"sparse": {"rate": 0.5, "same_on_all_ranks": "no"}}, "chunkwise.sparse.same_on_all_ranks", "true or false"),
+        ({"sparse": {"rate": 0.5, "report_loss": "yes"}}, "chunkwise.sparse.report_loss", "'estimate', 'exact', 'off'"),
+        ({"loss_chunk_size": "auto"}, "chunkwise.loss_chunk_size", '"auto" is not resolved'),
+        ({"max_consecutive_skips": -1}, "chunkwise.max_consecutive_skips", "integer >= 0"),
     ],
 )
 def test_bad_values(block, key, allowed):

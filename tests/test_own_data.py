@@ -255,6 +255,18 @@ def test_stale_build_lock_is_cleared_and_a_build_is_announced(tmp_path, monkeypa
     assert OpBuilder.jit_load(CPUAdamBuilder()) == "built"  # unwrapped again
 
 
+def test_shm_buffers_of_a_run_are_removed(tmp_path, monkeypatch):
+    from ds_chunk import ops
+
+    monkeypatch.setattr(ops, "SHM_DIR", str(tmp_path))
+    names = [f"deepspeed_allreduce_buffer_0_127.0.0.1_{port}_{rank}" for port in (2950, 29501) for rank in (0, 1)]
+    for name in [*names, "other_29501_0"]:
+        (tmp_path / name).write_text("")
+    assert ops.remove_shm_buffers(29501, rank=1) == 1  # this run's rank 1 only
+    assert ops.remove_shm_buffers(29501) == 1 and ops.remove_shm_buffers(29501) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted([*names[:2], "other_29501_0"])
+
+
 def test_readme_deepspeed_example_is_the_script_and_runs():
     """README's "With DeepSpeed" block is launch/minimal_deepspeed.py; it runs under plain python."""
     script = open(os.path.join(ROOT, "launch", "minimal_deepspeed.py")).read()

@@ -60,19 +60,21 @@ def test_seco_step_components_by_hand():
         # cat(prefix, chunk) per layer + bool mask and one float32 copy of it per layer
         "attention_kv": 4 * 1536 * 2 * 4 * 64 * 4 + (4 * 4 + 1) * 512 * 1536,
         "activations": 512 * TOKEN_BYTES,
-        "logits": 3 * 512 * 32000 * 4,  # log-softmax, its grad, logits' grad (float32)
+        # fused loss, sub-chunks of 256 (32 MiB rule): logits + d logits [256, V] float32, the
+        # d hidden buffer [512, 256] and the head's weight gradient [V, 256] float32
+        "logits": 256 * 32000 * 8 + 512 * 256 * 4 + 32000 * 256 * 4,
     }
     assert est.step == pytest.approx(expected, rel=1e-12)
 
 
 def test_loss_sub_chunks_by_hand():
-    """loss_chunk_size 128: [128, V] logits, but the sub-chunks' LM-head weight gradients are
-    summed out of place by autograd (running sum + new + result), as measured."""
+    """loss_chunk_size 128, the fused loss: in the forward, a sub-chunk's logits (bf16 + its
+    float32 copy) and d logits (float32 + its bf16 copy) next to the d hidden and float32
+    weight-gradient buffers; in the backward, those saved and their scaled copies."""
     est = estimate(ModelShape.from_config(BENCH), Setup(seq_len=2048, chunk_size=512, loss_chunk_size=128))
-    bf16_head = 32000 * 256 * 2
-    assert est.step["logits"] == max(3 * 128 * 32000 * 4, 3 * bf16_head)
+    assert est.step["logits"] == 128 * 32000 * (2 + 4 + 4 + 2) + 512 * 256 * 2 + 32000 * 256 * 4
     fp32 = estimate(ModelShape.from_config(BENCH), Setup(seq_len=2048, loss_chunk_size=128, dtype="float32"))
-    assert fp32.step["logits"] == 3 * 32000 * 256 * 4
+    assert fp32.step["logits"] == 2 * (512 * 256 * 4 + 32000 * 256 * 4)  # the backward's copies win
 
 
 def test_plain_and_ckpt_by_hand():
@@ -154,7 +156,8 @@ def test_offload_host_memory_against_the_schedulers_count(seq_len, chunk, loss_c
     ids = torch.randint(0, 32000, (1, seq_len))
     cfg = {"chunk_size": chunk, "loss_chunk_size": loss_chunk, "kv_offload": True}
     counted = ChunkScheduler(cfg).backward(model, ids).host_peak_bytes
-    setup = Setup(seq_len=seq_len, chunk_size=chunk, loss_chunk_size=loss_chunk, dtype="float32", kv_offload=True)
+    setup = Setup(seq_len=seq_len, chunk_size=chunk, loss_chunk_size=loss_chunk, dtype="float32", kv_offload=True,
+                  device="cpu")  # fmt: skip
     predicted = estimate(ModelShape.from_config(BENCH), setup).host["kv_cache_and_saved"]
     assert predicted == pytest.approx(counted, rel=0.10)
 
@@ -215,7 +218,7 @@ def _measured_vs_planned(tmp_path, method: str, rate: float | None = None) -> tu
     point = Point(method=label, seq_len=1024, chunk_size=128, model=str(config), repeats=1)
     result = run_point(point, cpus=None, timeout=300, what="memory")
     assert result["status"] == "ok", result
-    setup = Setup(seq_len=1024, method=method, chunk_size=128, sparse_rate=rate, dtype="float32")
+    setup = Setup(seq_len=1024, method=method, chunk_size=128, sparse_rate=rate, dtype="float32", device="cpu")
     return result["peak_mib"], estimate(ModelShape.from_config(config), setup).step_bytes / MIB
 
 

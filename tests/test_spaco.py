@@ -88,20 +88,31 @@ def test_rate_one_equals_seco_exactly():
     assert all(torch.equal(g[k], g_seco[k]) for k in g)
 
 
-def test_reported_loss_is_the_full_loss_and_draws_reproduce():
+def test_reported_loss_modes_and_draws_reproduce():
+    """exact: the full loss; off: NaN; estimate (the default): sum of w_i * L_i, exactly unbiased
+    (enumerated over every draw); the draws are a function of (seed, step)."""
     model, ids, labels = _setup()
     ref = reference_loss(model, ids, labels).item()
-    sched = ChunkScheduler({"chunk_size": C, "sparse": {"rate": 0.25, "seed": 7}})
+    sched = ChunkScheduler({"chunk_size": C, "sparse": {"rate": 0.25, "seed": 7, "report_loss": "exact"}})
     draws = [sched.backward(model, ids, labels, step=s) for s in range(6)]
     for r in draws:
-        assert abs(float(r.loss) - ref) < 1e-10
+        assert abs(float(r.loss) - ref) < 1e-10 and r.loss_kind == "exact"
         assert all(w == 4.0 for w in r.weights.values())
-    again = ChunkScheduler({"chunk_size": C, "sparse": {"rate": 0.25, "seed": 7}})
+    again = ChunkScheduler({"chunk_size": C, "sparse": {"rate": 0.25, "seed": 7, "report_loss": "exact"}})
     assert [again.backward(model, ids, labels, step=s).replayed for s in range(6)] == [r.replayed for r in draws]
     assert len({tuple(r.replayed) for r in draws}) > 1
     model.zero_grad()
-    quiet = ChunkScheduler({"chunk_size": C, "sparse": {"rate": 0.25, "report_loss": False}})
+    quiet = ChunkScheduler({"chunk_size": C, "sparse": {"rate": 0.25, "report_loss": "off"}})
     assert math.isnan(float(quiet.backward(model, ids, labels).loss))
+    estimate = ChunkScheduler({"chunk_size": C, "sparse": {"rate": 0.4}})
+    expected = 0.0
+    for n in range(K + 1):
+        for subset in itertools.combinations(range(K), n):
+            result = estimate.backward(model, ids, labels, sampled=list(subset))
+            assert result.loss_kind == "estimate"
+            expected += 0.4**n * 0.6 ** (K - n) * float(result.loss)
+            model.zero_grad()
+    assert abs(expected - ref) < 1e-10
 
 
 def test_draws_per_rank():

@@ -4,7 +4,8 @@
 
 Methods: ``plain`` (full backprop, HF loss), ``ckpt`` (HF gradient checkpointing,
 non-reentrant), ``seco`` (exact chunk-wise backward), ``spaco@<rate>`` (sparse replay,
-bernoulli sampler). ``--weights qlora`` adds 4-bit NF4 base weights + LoRA.
+bernoulli sampler). ``--weights qv`` trains only q_proj / v_proj (LoRA-like, no adapter
+overhead); ``--weights qlora`` adds 4-bit NF4 base weights + LoRA.
 
 Every (method, length) point runs in a fresh subprocess, pinned to its own CPU cores and
 thread count, so one point's allocations cannot leak into the next one's figure.
@@ -56,8 +57,8 @@ def describe(args: argparse.Namespace, cpus: str | None) -> str:
     )
 
 
-def _optional_int(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
+def _optional_int(text: str) -> int | str | None:
+    return {"none": None, "auto": "auto"}.get(text.lower()) if text.lower() in ("none", "auto") else int(text)
 
 
 def _bool(text: str) -> bool:
@@ -72,11 +73,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--methods", nargs="+", default=["plain", "ckpt", "seco"], help="plain ckpt seco spaco@<rate>")
     p.add_argument("--chunk-sizes", type=int, nargs="+", default=[512], help="chunk sizes for seco/spaco")
-    p.add_argument("--loss-chunk-sizes", type=_optional_int, nargs="+", default=[None],
-                   help="LM head + CE sub-chunk sizes for seco/spaco, 'none' = whole chunk")  # fmt: skip
-    p.add_argument("--report-loss", type=_bool, nargs="+", default=[True], help="spaco report_loss: true false")
+    p.add_argument("--loss-chunk-sizes", type=_optional_int, nargs="+", default=["auto"],
+                   help="LM head + CE sub-chunks: auto (the default rule), none (whole chunk)")  # fmt: skip
+    p.add_argument("--report-loss", nargs="+", choices=["estimate", "exact", "off"], default=["estimate"],
+                   help="spaco report_loss")  # fmt: skip
     p.add_argument("--kv-offload", type=_bool, nargs="+", default=[False], help="seco/spaco kv_offload: true false")
-    p.add_argument("--weights", nargs="+", choices=["full", "qlora"], default=["full"], help="qlora: NF4 + LoRA")
+    p.add_argument("--weights", nargs="+", choices=["full", "qv", "qlora"], default=["full"],
+                   help="qv: only q_proj/v_proj trained (LoRA-like); qlora: NF4 + LoRA")  # fmt: skip
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--model", default=None, help="config.json (random init), local path or hub id")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -29,10 +29,10 @@ class Point:
     method: str  # plain | ckpt | seco | spaco@<rate>
     seq_len: int
     chunk_size: int = 512
-    loss_chunk_size: int | None = None
-    report_loss: bool = True
+    loss_chunk_size: int | str | None = "auto"  # "auto": ds_chunk's default; None: the whole chunk
+    report_loss: str = "estimate"  # spaco: estimate | exact | off
     kv_offload: bool = False
-    weights: str = "full"  # full | qlora
+    weights: str = "full"  # full | qv (only q_proj / v_proj weights trained, as LoRA would) | qlora
     model: str | None = None  # None: DEFAULT_MODEL; a config.json (random init); a local path or hub id
     device: str = "cpu"
     dtype: str = "float32"
@@ -53,14 +53,14 @@ class Point:
         name = self.method
         if self.chunked:
             opts = [str(self.chunk_size)]
-            if self.loss_chunk_size:
-                opts.append(f"loss{self.loss_chunk_size}")
-            if self.method.startswith("spaco@") and not self.report_loss:
-                opts.append("no-loss")
+            if self.loss_chunk_size != "auto":
+                opts.append(f"loss{self.loss_chunk_size or 'whole'}")
+            if self.method.startswith("spaco@") and self.report_loss != "estimate":
+                opts.append(f"{self.report_loss}-loss")
             if self.kv_offload:
                 opts.append("offload")
             name += "[" + ",".join(opts) + "]"
-        return name + (" +qlora" if self.weights == "qlora" else "")
+        return name + ("" if self.weights == "full" else f" +{self.weights}")
 
 
 def parse_method(method: str) -> float | None:
@@ -121,6 +121,9 @@ def _qlora_model(point: Point):
 def build_model(point: Point):
     """The model of ``point`` on its device, in train mode (gradient checkpointing for ``ckpt``)."""
     model = _qlora_model(point) if point.weights == "qlora" else _base_model(point).to(point.device)
+    if point.weights == "qv":  # LoRA-like: the rest is frozen (no weight gradients, fewer saved inputs)
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(t in name for t in LORA_TARGETS))
     if point.method == "ckpt":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False  # plain/ckpt: no KV cache copies in a training forward
@@ -143,7 +146,9 @@ def make_step(point: Point, model):
         return step
     from ds_chunk.scheduler import ChunkScheduler
 
-    config = {"chunk_size": point.chunk_size, "loss_chunk_size": point.loss_chunk_size, "kv_offload": point.kv_offload}
+    config = {"chunk_size": point.chunk_size, "kv_offload": point.kv_offload}
+    if point.loss_chunk_size != "auto":  # absent: ds_chunk picks it
+        config["loss_chunk_size"] = point.loss_chunk_size
     rate = parse_method(point.method)
     if rate is not None:
         config["sparse"] = {"rate": rate, "report_loss": point.report_loss}

@@ -149,9 +149,9 @@ def read_csv(path: Path) -> list[dict]:
     with open(path) as f:
         for row in csv.DictReader(f):
             row = {k: (v if v != "" else None) for k, v in row.items()}
-            row.update({k: int(row[k]) for k in ints if row.get(k) is not None})
+            row.update({k: int(row[k]) for k in ints if row.get(k) not in (None, "auto")})
             row.update({k: float(row[k]) for k in floats if row.get(k) is not None})
-            row["report_loss"] = row.get("report_loss") != "False"
+            row["report_loss"] = {"True": "exact", "False": "off"}.get(row.get("report_loss"), row.get("report_loss"))
             row["kv_offload"] = row.get("kv_offload") == "True"
             rows.append(row)
     return rows

@@ -139,7 +139,7 @@ def expand(args: argparse.Namespace) -> list[Point]:
         variants = itertools.product(
             args.chunk_sizes if chunked else args.chunk_sizes[:1],
             args.loss_chunk_sizes if chunked else [None],
-            args.report_loss if rate is not None else [True],
+            args.report_loss if rate is not None else ["estimate"],
             args.kv_offload if chunked else [False],
         )
         for chunk, loss_chunk, report, offload in variants:

@@ -14,6 +14,16 @@ def _flag(value) -> bool:
     return str(value).strip().lower() in ("true", "1")
 
 
+def _loss_chunk(row: dict) -> int | None:
+    """The sub-chunk the bench row ran with: a number, none (whole chunk) or ds_chunk's auto rule."""
+    value = row.get("loss_chunk_size")
+    if value == "auto":
+        from ds_chunk.loss import auto_sub_chunk
+
+        return auto_sub_chunk(_bench_shape(row).vocab, int(row["batch"]))
+    return int(value) if value else None
+
+
 def setup_from_bench_row(row: dict) -> Setup:
     """The Setup of one ``ds_chunk.bench`` CSV row (measured on one device, no ZeRO)."""
     method = row["method"]
@@ -23,10 +33,11 @@ def setup_from_bench_row(row: dict) -> Setup:
         seq_len=int(row["seq_len"]),
         method="spaco" if rate else method,
         chunk_size=int(row["chunk_size"]),
-        loss_chunk_size=int(row["loss_chunk_size"]) if row.get("loss_chunk_size") else None,
+        loss_chunk_size=_loss_chunk(row),
         sparse_rate=rate,
-        # the scheduler switches to flash attention on CUDA only (and 16-bit: see ds_chunk.attention)
-        attention="auto" if row.get("device") == "cuda" else "masked",
+        # the scheduler's own attention (ds_chunk.attention): CPU flash, or CUDA flash for 16-bit
+        attention="auto",
+        device=row.get("device") or "cpu",
         batch=int(row["batch"]),
         dtype=row["dtype"],
         quant="4bit" if qlora else "none",
@@ -52,7 +63,9 @@ def check(rows: list[dict], shape: ModelShape | None = None) -> list[dict]:
     """
     out = []
     for row in rows:
-        if row["status"] != "ok" or not row.get("peak_mib") or _flag(row.get("kv_offload")):
+        # qv rows (q/v weights trained at full rank) have no planner setup of their own
+        skip = _flag(row.get("kv_offload")) or row.get("weights") == "qv"
+        if row["status"] != "ok" or not row.get("peak_mib") or skip:
             continue
         predicted = estimate(shape or _bench_shape(row), setup_from_bench_row(row)).step_bytes / MIB
         measured = float(row["peak_mib"])

@@ -123,21 +123,44 @@ def kv_token_bytes(shape: ModelShape, setup: Setup) -> int:
     return shape.layers * 2 * shape.kv_heads * shape.head_dim * setup.bytes
 
 
-def logits_bytes(shape: ModelShape, setup: Setup, tokens: int) -> float:
-    """Peak of LM head + cross-entropy over ``tokens`` positions, in loss sub-chunks of ``s``.
+def sub_chunk(shape: ModelShape, setup: Setup, tokens: int) -> int:
+    """Positions per LM-head sub-chunk: ``loss_chunk_size``, ds_chunk's rule for "auto", or
+    the whole ``tokens``."""
+    if setup.loss_chunk_size == "auto":
+        from ds_chunk.loss import auto_sub_chunk
 
-    Logits are upcast to float32 for the loss. At the CE backward three [s, V] float32
+        return min(auto_sub_chunk(shape.vocab, setup.batch), tokens)
+    return min(setup.loss_chunk_size or tokens, tokens)
+
+
+def hf_logits_bytes(shape: ModelShape, setup: Setup, tokens: int) -> float:
+    """Peak of HF's own LM head + cross-entropy over ``tokens`` positions (plain, ckpt).
+
+    Logits are upcast to float32 for the loss. At the CE backward three [T, V] float32
     tensors are alive: log-softmax output (saved), its gradient, the logits' gradient.
-    Then the LM head's backward makes a [V, H] weight gradient. One sub-chunk: it is added
-    into ``.grad`` (with the logits' gradient still alive). Several sub-chunks: autograd's
-    input buffer sums their weight gradients out of place before ``.grad`` sees them, so
-    the running sum, the new one and their sum coexist (3 x [V, H]; measured).
+    Then the LM head's backward makes a [V, H] weight gradient, added into ``.grad`` with
+    the logits' gradient still alive.
     """
-    sub = min(setup.loss_chunk_size or tokens, tokens)
     lb = max(4, setup.bytes)
     head = shape.vocab * shape.hidden * setup.bytes if setup.lora_rank == 0 else 0
-    weight_grad = 3 * head if sub < tokens else sub * shape.vocab * lb + head
-    return setup.batch * max(3 * sub * shape.vocab * lb, weight_grad)
+    return setup.batch * max(3 * tokens * shape.vocab * lb, tokens * shape.vocab * lb + head)
+
+
+def logits_bytes(shape: ModelShape, setup: Setup, tokens: int) -> float:
+    """Peak of the fused LM head + cross-entropy over ``tokens`` positions (``ds_chunk.loss``).
+
+    Per sub-chunk of s positions, in its forward: the logits [B*s, V] (and their float32
+    copy when 16-bit), d CE / d logits in float32 (and its copy in the logits' dtype), next
+    to the buffers the gradients are made into: d hidden [B, tokens, H] and, when the head
+    trains, its weight gradient [V, H] in float32. In its backward: those, saved, and
+    their scaled copies. Nothing is recomputed.
+    """
+    s, b = sub_chunk(shape, setup, tokens), setup.bytes
+    per_logit = b + max(4, b) + (4 + b if b < 4 else 0)  # raw (+ float32 copy), dz (+ its copy)
+    grad_h = setup.batch * tokens * shape.hidden * b
+    head = shape.vocab * shape.hidden * max(4, b) if setup.lora_rank == 0 else 0
+    forward = setup.batch * s * shape.vocab * per_logit + grad_h + head
+    return max(forward, 2 * (grad_h + head))
 
 
 # ---- the step's peak, per method -------------------------------------------------------
@@ -195,11 +218,12 @@ def _bool_mask(shape: ModelShape, setup: Setup, prefix: int, size: int) -> float
 
 
 def uses_flash(shape: ModelShape, setup: Setup) -> bool:
-    """Whether a chunk's attention runs as flash attention (``ds_chunk.attention``): 16-bit
-    and head_dim <= 256 under "auto" (what torch's flash kernel takes)."""
+    """Whether a chunk's attention runs as flash attention (``ds_chunk.attention``), under
+    "auto": on CPU always (torch's CPU flash kernel, two calls), on CUDA for 16-bit and
+    head_dim <= 256 (what torch's flash kernel takes)."""
     if setup.attention != "auto":
         return setup.attention == "flash"
-    return setup.bytes == 2 and shape.head_dim <= 256
+    return setup.device == "cpu" or setup.bytes == 2 and shape.head_dim <= 256
 
 
 def _offloaded_moment(shape: ModelShape, setup: Setup, start: int, size: int, grads_done: bool) -> dict[str, float]:
@@ -246,11 +270,12 @@ def offloaded_host(shape: ModelShape, setup: Setup) -> float:
 
 def _saved(shape: ModelShape, setup: Setup, prefix: int, size: int) -> float:
     """What one chunk's replay saves for backward: every layer's attention K/V, mask and
-    activations, and the loss's log-softmax [C, V] float32 unless loss sub-chunks are
-    recomputed (checkpointed)."""
-    loss = 0 if setup.loss_chunk_size and setup.loss_chunk_size < size else size * shape.vocab * max(4, setup.bytes)
+    activations, and the fused loss's gradients (d hidden [B, C, H], the head's weight
+    gradient [V, H] when it trains)."""
+    head = shape.vocab * shape.hidden * setup.bytes if setup.lora_rank == 0 else 0
+    loss = setup.batch * size * shape.hidden * setup.bytes + head
     acts = size * setup.batch * _token_bytes(shape, setup)
-    return shape.layers * _attention_bytes(shape, setup, prefix, size) + acts + setup.batch * loss
+    return shape.layers * _attention_bytes(shape, setup, prefix, size) + acts + loss
 
 
 def chunked_step(shape: ModelShape, setup: Setup) -> dict[str, float]:
@@ -276,7 +301,7 @@ def plain_step(shape: ModelShape, setup: Setup) -> dict[str, float]:
     """
     tokens = setup.seq_len * setup.batch
     acts = tokens * _token_bytes(shape, setup)
-    return {"activations": acts, "logits": logits_bytes(shape, setup, setup.seq_len)}
+    return {"activations": acts, "logits": hf_logits_bytes(shape, setup, setup.seq_len)}
 
 
 def ckpt_step(shape: ModelShape, setup: Setup) -> dict[str, float]:
@@ -290,7 +315,7 @@ def ckpt_step(shape: ModelShape, setup: Setup) -> dict[str, float]:
     inputs = shape.layers * tokens * shape.hidden * setup.bytes
     at_loss = {
         "activations": inputs + tokens * norm_bytes(shape, setup, ("lm_head",)),
-        "logits": logits_bytes(shape, setup, setup.seq_len),
+        "logits": hf_logits_bytes(shape, setup, setup.seq_len),
     }
     head_grad = shape.vocab * shape.hidden * trainable_bytes(setup) if setup.lora_rank == 0 else 0
     at_layer = {"activations": inputs + tokens * layer_activation_bytes(shape, setup), "gradients": head_grad}

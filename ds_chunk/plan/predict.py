@@ -10,6 +10,7 @@ from ds_chunk.plan.memory import (
     offloaded_host,
     optimizer_bytes,
     plain_step,
+    sub_chunk,
     trainable_params,
     weight_bytes,
 )
@@ -122,7 +123,7 @@ def recommend(shape: ModelShape, setup: Setup, advise: bool = True) -> Recommend
     return Recommendation(best, est, {c: e.total_bytes for c, e in estimates.items()}, advice)
 
 
-def _changes(setup: Setup) -> list[tuple[str, dict]]:
+def _changes(shape: ModelShape, setup: Setup) -> list[tuple[str, dict]]:
     """Changes that lower the peak and are not already made: (what to set, Setup fields)."""
     changes = []
     if not setup.chunked:
@@ -139,7 +140,7 @@ def _changes(setup: Setup) -> list[tuple[str, dict]]:
         changes.append(("chunkwise.kv_offload: true", {"kv_offload": True}))
     if setup.method == "seco":
         changes.append(("SpaCO: chunkwise.sparse.rate 0.125", {"method": "spaco", "sparse_rate": 0.125}))
-    if setup.chunked and (setup.loss_chunk_size or setup.chunk_size) > 64:
+    if setup.chunked and sub_chunk(shape, setup, setup.chunk_size) > 64:
         changes.append(("chunkwise.loss_chunk_size: 64", {"loss_chunk_size": 64}))
     if setup.quant == "none":
         lora = {"quant": "4bit", "lora_rank": setup.lora_rank or 8}
@@ -152,7 +153,7 @@ def _changes(setup: Setup) -> list[tuple[str, dict]]:
 def _advice(shape: ModelShape, setup: Setup) -> list[str]:
     """One line per change: the chunk size it allows, or the peak it still needs."""
     lines, combined = [], {}
-    for what, fields in _changes(setup) + [("all of the above", None)]:
+    for what, fields in _changes(shape, setup) + [("all of the above", None)]:
         fields = combined if fields is None else fields
         combined = {**combined, **fields}
         rec = recommend(shape, dataclasses.replace(setup, **fields), advise=False)

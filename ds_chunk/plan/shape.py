@@ -126,13 +126,14 @@ class Setup:
     seq_len: int
     method: str = "seco"  # seco | spaco | plain | ckpt
     chunk_size: int = 512
-    loss_chunk_size: int | None = None
+    loss_chunk_size: int | str | None = "auto"  # "auto": ds_chunk's rule (loss.auto_sub_chunk); None: whole chunk
     sparse_rate: float | None = None  # spaco: replay probability
     kv_offload: bool = False
     # chunk attention: "flash" (CUDA, 16-bit, no padding: ds_chunk.attention, no mask and
     # K/V not repeated), "masked" (HF's sdpa: a mask, K/V repeated for GQA); "auto": flash
     # for 16-bit dtypes
     attention: str = "auto"
+    device: str = "cuda"  # cpu: ds_chunk.attention's CPU flash path runs for any dtype
     batch: int = 1
     dtype: str = "bfloat16"  # parameters and activations
     quant: str = "none"  # none | 8bit | 4bit (base linear weights, bitsandbytes)

@@ -34,3 +34,5 @@ for name, cls, extra in (("parent", Trainer, {}), ("ours", ChunkwiseTrainer, {"c
     }
 if int(os.environ["RANK"]) == 0:
     torch.save(result, os.path.join(args.out, "result.pt"))
+torch.distributed.barrier()  # leave together: a rank exiting while the other still talks to it can abort it
+torch.distributed.destroy_process_group()

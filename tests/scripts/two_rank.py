@@ -93,3 +93,5 @@ with deepspeed.zero.GatheredParameters([p for _, p in trainable], enabled=args.s
 if rank == 0:
     torch.save({"losses": losses, "params": params, "counts": [dict(c) for c in counts], "skipped": skipped},
                os.path.join(args.out, "rank0.pt"))  # fmt: skip
+torch.distributed.barrier()  # leave together: a rank exiting under ZeRO-3 traffic can abort the other
+torch.distributed.destroy_process_group()
