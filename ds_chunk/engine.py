@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ds_chunk.chunking import IGNORE_INDEX, prepare_labels
+from ds_chunk.chunking import IGNORE_INDEX, chunk_bounds, prepare_labels
 from ds_chunk.config import OUR_BLOCKS, ChunkwiseConfig
 from ds_chunk.kv import ChunkCache
 from ds_chunk.ops import announce_op_builds
 from ds_chunk.scheduler import ChunkScheduler, LocalGrads
+from ds_chunk.zero3 import partitioned
 
 
 class _Inject(torch.autograd.Function):
@@ -47,7 +48,7 @@ def _boundary_scalar(module: nn.Module, grads) -> torch.Tensor:
     (``grads``: LocalGrads.take()) a zero whose backward hands each parameter its gradient.
     Under ZeRO-3 (parameters partitioned outside a forward): 0 x the logits of a one-token
     forward, whose hooks gather every parameter and give each a zero gradient."""
-    if grads is None and any(hasattr(p, "ds_id") for p in module.parameters()):
+    if grads is None and partitioned(module.parameters()):
         device = next(module.parameters()).device
         return 0.0 * module(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device)).logits.float().sum()
     if grads is None:
@@ -269,7 +270,7 @@ class ChunkwiseEngine:
             return None
         size = self.chunkwise.chunk_size if self.chunkwise.enabled else ids.shape[1]
         supervised = prepare_labels(ids, labels, mask) != IGNORE_INDEX
-        flags = torch.tensor([float(supervised[:, s : s + size].any()) for s in range(0, ids.shape[1], size)])
+        flags = torch.tensor([float(supervised[:, s:e].any()) for s, e in chunk_bounds(ids.shape[1], size)])
         flags = self._all_reduce(flags.to(ids.device), torch.distributed.ReduceOp.MAX)
         return [bool(f) for f in flags.tolist()]
 
@@ -277,8 +278,7 @@ class ChunkwiseEngine:
         """Whether the step's loss and gradient are finite on every rank (one all-reduce)."""
         finite = all(bool(torch.isfinite(r.loss)) for r in self.last_results if r.loss_kind != "off")
         finite = finite and all(g is None or bool(torch.isfinite(g).all()) for _, g in grads)
-        flag = torch.tensor(float(finite), device=self.engine.device)
-        return bool(self._all_reduce(flag, torch.distributed.ReduceOp.MIN) > 0)
+        return self._on_every_rank(finite)
 
     def _skip(self) -> None:
         self.skipped_steps += 1
@@ -294,7 +294,11 @@ class ChunkwiseEngine:
     def weights_finite(self) -> bool:
         """Whether every trainable parameter is finite on every rank (checked before a checkpoint)."""
         finite = all(bool(torch.isfinite(p).all()) for p in self.engine.module.parameters() if p.requires_grad)
-        flag = torch.tensor(float(finite), device=self.engine.device)
+        return self._on_every_rank(finite)
+
+    def _on_every_rank(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (one all-reduce)."""
+        flag = torch.tensor(float(ok), device=self.engine.device)
         return bool(self._all_reduce(flag, torch.distributed.ReduceOp.MIN) > 0)
 
     def _micro_batches(self, ids, labels, mask, normalizer: float, rank: int) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ds_chunk.adapter import cache_kwarg, full_length_rope, lm_head, unwrap
+from ds_chunk.adapter import cache_kwarg, full_length_rope, lm_head, text_config, unwrap
 from ds_chunk.attention import chunk_attention
 from ds_chunk.bnb import no_cpu_inference_packing
 from ds_chunk.chunking import IGNORE_INDEX, chunk_bounds, prepare_labels
@@ -43,10 +43,9 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], chunk
     }
 
 
-def _nll_and_hits(head, hidden: torch.Tensor, target: torch.Tensor, vocab: int, totals: dict) -> torch.Tensor:
-    """Add the CE sum of hidden [n, H] to totals; whether each argmax is right. In sub-chunks of
-    the training loss's size, so no more than that many logits exist."""
-    step = auto_sub_chunk(vocab)
+def _nll_and_hits(head, hidden: torch.Tensor, target: torch.Tensor, step: int, totals: dict) -> torch.Tensor:
+    """Add the CE sum of hidden [n, H] to totals; whether each argmax is right. ``step``
+    positions at a time (``loss.auto_sub_chunk``), so no more than [step, V] logits exist."""
     hits = []
     for s in range(0, hidden.shape[0], step):
         logits = head(hidden[s : s + step]).float()  # [step, V]
@@ -62,8 +61,8 @@ def _accumulate(hf: nn.Module, batch: dict, chunk_size: int, totals: dict) -> No
     )
     target = prepare_labels(ids, labels, mask)
     decoder, head = hf.get_decoder(), lm_head(hf)
-    text = hf.config.get_text_config()
-    store, key, vocab = KVStore(text.num_hidden_layers), cache_kwarg(decoder), text.vocab_size
+    text = text_config(hf)
+    store, key, step = KVStore(text.num_hidden_layers), cache_kwarg(decoder), auto_sub_chunk(text.vocab_size)
     row_wrong = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     padded = mask is not None and not bool(mask.all())
     with chunk_attention(hf, padded, device), full_length_rope(hf, ids.shape[1]):
@@ -79,7 +78,7 @@ def _accumulate(hf: nn.Module, batch: dict, chunk_size: int, totals: dict) -> No
             keep = t != IGNORE_INDEX
             if not keep.any():
                 continue
-            hit = _nll_and_hits(head, hidden[keep], t[keep], vocab, totals)  # only supervised positions
+            hit = _nll_and_hits(head, hidden[keep], t[keep], step, totals)  # only supervised positions
             totals["tokens"] += int(keep.sum())
             totals["correct"] += int(hit.sum())
             wrong = torch.zeros_like(keep)

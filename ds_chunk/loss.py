@@ -39,6 +39,11 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
+def _zero_loss(hidden: torch.Tensor) -> torch.Tensor:
+    # losses accumulate in float32, or float64 for float64 hidden states
+    return hidden.new_zeros((), dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+
+
 def _ce_sum(head: LMHead, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     logits = _upcast(head(hidden))  # [n, V]
     return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -77,7 +82,7 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_b = (
             torch.zeros(bias.shape, dtype=acc, device=bias.device) if bias is not None and bias.requires_grad else None
         )
-        total = hidden.new_zeros((), dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+        total = _zero_loss(hidden)
         for s in range(0, hidden.shape[1], step):
             h, t = hidden[:, s : s + step].flatten(0, 1), target[:, s : s + step].flatten()
             if skip and not (t != IGNORE_INDEX).any():
@@ -91,7 +96,7 @@ class _FusedLinearCE(torch.autograd.Function):
             if grad_b is not None:
                 grad_b += d.sum(0)
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        ctx.save_for_backward(grad_h, cast(grad_w, weight), cast(grad_b, bias) if grad_b is not None else None)
+        ctx.save_for_backward(grad_h, cast(grad_w, weight), cast(grad_b, bias))
         return total / normalizer
 
     @staticmethod
@@ -121,13 +126,13 @@ def chunk_loss(
     if any(p.requires_grad for p in zero3):
         parts = None
     if skip_unsupervised and not (target != IGNORE_INDEX).any():
-        return hidden.new_zeros((), dtype=torch.float32 if hidden.dtype != torch.float64 else torch.float64)
+        return _zero_loss(hidden)
     if parts is not None and torch.is_grad_enabled():
         with gathered(p for p in parts if p is not None):  # ZeRO-3: a collective, every rank calls it
             args = (target, normalizer, step, skip_unsupervised, head)
             return _FusedLinearCE.apply(hidden, parts[0], parts[1], *args)
     recompute = sub_chunk is not None and torch.is_grad_enabled() and not zero3
-    total = hidden.new_zeros((), dtype=torch.float32 if hidden.dtype != torch.float64 else torch.float64)
+    total = _zero_loss(hidden)
     for s in range(0, hidden.shape[1], step):
         h, t = hidden[:, s : s + step].flatten(0, 1), target[:, s : s + step].flatten()
         if skip_unsupervised and not (t != IGNORE_INDEX).any():

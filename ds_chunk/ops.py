@@ -83,6 +83,7 @@ def announce_op_builds() -> Iterator[None]:
 
 
 SHM_DIR = "/dev/shm"
+SHM_PREFIX = "deepspeed_allreduce_buffer_"  # shm.cpp's SHM_BUFFER_NAME, then _<...>_<addr>_<port>_<rank>
 
 
 def remove_shm_buffers(port: int | str, rank: int | None = None) -> int:
@@ -96,9 +97,7 @@ def remove_shm_buffers(port: int | str, rank: int | None = None) -> int:
     tail = f"_{port}_{rank}" if rank is not None else f"_{port}_"
     removed = 0
     for name in os.listdir(SHM_DIR):
-        if name.startswith("deepspeed_allreduce_buffer_") and (
-            name.endswith(tail) if rank is not None else tail in name
-        ):
+        if name.startswith(SHM_PREFIX) and (name.endswith(tail) if rank is not None else tail in name):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(SHM_DIR, name))
                 removed += 1

@@ -27,6 +27,7 @@ from ds_chunk.adapter import (
     full_length_rope,
     lm_head,
     max_positions,
+    text_config,
     unwrap,
 )
 from ds_chunk.attention import chunk_attention
@@ -232,11 +233,12 @@ class _ChunkRun:
         self.input_ids, self.target, self.mask = input_ids, target, attention_mask
         self.bounds, self.normalizer = bounds, normalizer
         self.sub_chunk, self.truncate = config.loss_chunk_size, config.truncate
+        text = text_config(hf)
         if self.sub_chunk == "auto":
-            self.sub_chunk = auto_sub_chunk(hf.config.get_text_config().vocab_size, input_ids.shape[0])
+            self.sub_chunk = auto_sub_chunk(text.vocab_size, input_ids.shape[0])
         self.skip_unsupervised = not identical  # identical schedules: every rank calls the LM head alike
         storage = torch.device("cpu") if config.kv_offload else None
-        self.store = KVStore(hf.config.get_text_config().num_hidden_layers, storage)
+        self.store = KVStore(text.num_hidden_layers, storage)
         self.rng = RngTape(input_ids.device)
         self.trainable = [p for p in hf.parameters() if p.requires_grad]
         if not self.trainable:

@@ -15,11 +15,11 @@ import pytest  # noqa: E402
 def _no_leaked_shm():
     """DeepSpeed's CPU comm op leaves a 64 MiB /dev/shm buffer per rank of every run: remove
     the ones a test's runs created, or /dev/shm fills up over the suite (and runs then abort)."""
-    from ds_chunk.ops import SHM_DIR
+    from ds_chunk.ops import SHM_DIR, SHM_PREFIX
 
     listing = lambda: set(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else set()  # noqa: E731
     before = listing()
     yield
     for name in listing() - before:
-        if name.startswith("deepspeed_allreduce_buffer_"):
+        if name.startswith(SHM_PREFIX):
             os.unlink(os.path.join(SHM_DIR, name))

@@ -13,6 +13,8 @@ import torch
 from engine_ref import lora_model, reference_steps, spaco_reference, two_rank_batches
 from models import tiny_model
 
+from ds_chunk.ops import SHM_DIR, SHM_PREFIX
+
 pytestmark = pytest.mark.slow
 
 
@@ -117,7 +119,7 @@ def _train_two_ranks(*flags):
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # leaves together and takes DeepSpeed's CPU comm buffers with it (64 MiB per rank otherwise)
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce") and f"_{port}_" in n]
+    assert not [n for n in os.listdir(SHM_DIR) if n.startswith(SHM_PREFIX) and f"_{port}_" in n]
 
 
 def test_zero3_save_and_resume_continue_exactly(tmp_path):
