@@ -80,6 +80,12 @@ class LMHead:
     transform: Callable | None = None
     derivative: Callable | None = None
     value: float | None = None
+    attr: str | None = None  # the config attribute ``value`` comes from
+
+    @property
+    def softcap(self) -> float | None:
+        """The final logit soft-capping value c (logits -> c tanh(logits / c)), if that is the transform."""
+        return self.value if self.attr == _SOFTCAP[0] else None
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.module(hidden)
@@ -104,7 +110,7 @@ def lm_head(model: nn.Module) -> LMHead:
     value = getattr(cfg, attr, None) if attr else None
     if value is None:
         return LMHead(head)
-    return LMHead(head, transform, derivative, value)
+    return LMHead(head, transform, derivative, value, attr)
 
 
 # ---- what cannot be chunked exactly --------------------------------------------------------

@@ -161,6 +161,10 @@ class ChunkwiseConfig:
         [chunk x vocab] logits never exist at once. Absent: picked from the vocabulary
         (``loss.auto_sub_chunk``: about 32 MiB of float32 logits; 256 for a 32K vocabulary,
         64 for 128K); null: the whole chunk at once.
+    loss_kernel: what makes the LM head + loss and its gradients in the backward pass:
+        ``"torch"`` (ds_chunk's, sub-chunked by ``loss_chunk_size``), ``"liger"``
+        (Liger-Kernel) or ``"cce"`` (Cut Cross-Entropy), both CUDA and optional. Absent:
+        liger, then cce, on CUDA when installed and exact for the model, else torch.
     kv_offload: keep the KV leaves and their gradients in host memory.
     truncate: baseline only, for comparison: carry no gradient across chunk boundaries
         (truncated backprop); the gradient is then NOT the full-sequence gradient.
@@ -172,6 +176,7 @@ class ChunkwiseConfig:
     chunk_size: int = 512
     sparse: SparseConfig | None = None
     loss_chunk_size: int | Literal["auto"] | None = "auto"  # "auto": only as the default, not in JSON
+    loss_kernel: Literal["torch", "liger", "cce"] | None = None  # None: picked (loss_kernels.pick)
     kv_offload: bool = False
     truncate: bool = False
     max_consecutive_skips: int = 5
@@ -191,6 +196,9 @@ class ChunkwiseConfig:
             loss_chunk_size=_int(f"{prefix}.loss_chunk_size", b["loss_chunk_size"], 1, optional=True)
             if "loss_chunk_size" in b
             else "auto",
+            loss_kernel=_choice(f"{prefix}.loss_kernel", b["loss_kernel"], ("torch", "liger", "cce"))
+            if "loss_kernel" in b
+            else None,
             kv_offload=_bool(f"{prefix}.kv_offload", b.get("kv_offload", False)),
             truncate=_bool(f"{prefix}.truncate", b.get("truncate", False)),
             max_consecutive_skips=_int(f"{prefix}.max_consecutive_skips", b.get("max_consecutive_skips", 5), 0),

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ds_chunk import loss_kernels
 from ds_chunk.adapter import LMHead
 from ds_chunk.chunking import IGNORE_INDEX
 from ds_chunk.zero3 import gathered, partitioned
@@ -52,27 +53,41 @@ def _ce_sum(head: LMHead, hidden: torch.Tensor, target: torch.Tensor) -> torch.T
 def _block_ce_and_grad(head: LMHead, h, t, weight, bias, scale: float):
     """CE sum of one block, hidden [n, H], target [n], and ``scale`` x d CE / d logits [n, V]
     in the logits' own dtype: what the unfused path hands the LM head's matmul backward for
-    the loss CE sum x scale (scaled before the matmul, as there, so the roundings agree)."""
-    raw = F.linear(h, weight, bias)  # [n, V], as the module computes it (autocast applies)
-    logits = _upcast(raw)
-    z = logits if head.transform is None else head.transform(logits, head.value)
+    the loss CE sum x scale (scaled before the matmul, as there, so the roundings agree).
+
+    One [n, V] float32 tensor at a time: the softmax is made in place in the logits
+    (``torch.logsumexp`` would allocate a second one), and a 16-bit original is dropped
+    once upcast."""
+    z = F.linear(h, weight, bias)  # [n, V], as the module computes it (autocast applies)
+    dtype = z.dtype
+    z = _upcast(z)
+    slope = None
+    if head.transform is not None:
+        slope = None if head.derivative is None else head.derivative(z, head.value)
+        z = head.transform(z, head.value)
     keep = t != IGNORE_INDEX
     safe = t.masked_fill(~keep, 0).unsqueeze(1)
-    lse = torch.logsumexp(z, dim=-1)
-    ce = ((lse - z.gather(1, safe).squeeze(1)) * keep).sum()
+    picked = z.gather(1, safe).squeeze(1)
+    top = z.amax(1, keepdim=True)
+    total = z.sub_(top).exp_().sum(1, keepdim=True)  # z is now exp(z - top)
+    ce = (((total.log() + top).squeeze(1) - picked) * keep).sum()
     # d CE / d z = softmax(z) - onehot(t) on supervised rows, 0 on ignored ones
-    dz = (z - lse.unsqueeze(1)).exp_().mul_(keep.unsqueeze(1))
+    dz = z.div_(total).mul_(keep.unsqueeze(1))
     dz.scatter_add_(1, safe, -keep.unsqueeze(1).to(dz.dtype))
     dz.mul_(scale)
-    if head.derivative is not None:
-        dz.mul_(head.derivative(logits, head.value))
-    return ce, dz.to(raw.dtype)
+    if slope is not None:
+        dz.mul_(slope)
+    return ce, dz.to(dtype)
 
 
 class _FusedLinearCE(torch.autograd.Function):
     """sum of token CE of ``head(hidden)`` over a chunk / ``normalizer``, hidden [B, C, H], target
     [B, C], in blocks of ``step`` positions; the gradients are made in the forward, block by
-    block (the weight's summed into one buffer), and the backward returns them scaled."""
+    block (the weight's summed into one buffer), and the backward returns them scaled.
+
+    The gradients are kept on ctx rather than saved for backward, and scaled in place there:
+    saved, autograd could neither let the weight's be stolen into ``.grad`` nor avoid a
+    scaled copy, two [V, H] buffers at once. So the graph can be backpropagated once."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, normalizer: float, step: int, skip: bool, head: LMHead):
@@ -91,18 +106,23 @@ class _FusedLinearCE(torch.autograd.Function):
             total += ce.to(total.dtype)
             if grad_h is not None:
                 grad_h[:, s : s + step] = (d @ weight.to(d.dtype)).view(hidden.shape[0], -1, hidden.shape[2])
-            if grad_w is not None:
+            if grad_w is not None and grad_w.dtype == d.dtype:  # in place: no [V, H] temporary
+                grad_w.addmm_(d.t(), h.to(d.dtype))
+            elif grad_w is not None:  # a 16-bit product, summed in float32
                 grad_w += d.t() @ h.to(d.dtype)
             if grad_b is not None:
                 grad_b += d.sum(0)
+            del d  # or this block's [n, V] gradient stays alive through the next block's
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        ctx.save_for_backward(grad_h, cast(grad_w, weight), cast(grad_b, bias))
+        ctx.grads = (grad_h, cast(grad_w, weight), cast(grad_b, bias))
         return total / normalizer
 
     @staticmethod
     def backward(ctx, out):
-        grads = (None if g is None else g * out.to(g.dtype) for g in ctx.saved_tensors)
-        return *grads, None, None, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError("ds_chunk's fused LM head + loss can be backpropagated once (no retain_graph)")
+        grads, ctx.grads = ctx.grads, None
+        return *(None if g is None else g.mul_(out.to(g.dtype)) for g in grads), None, None, None, None, None
 
 
 def chunk_loss(
@@ -112,6 +132,7 @@ def chunk_loss(
     normalizer: float,
     sub_chunk: int | None = None,
     skip_unsupervised: bool = True,
+    kernel: str = "torch",
 ) -> torch.Tensor:
     """sum of token CE over the chunk / normalizer (the supervised tokens of the whole step).
 
@@ -119,6 +140,8 @@ def chunk_loss(
     globally shifted labels. The head runs on ``sub_chunk`` positions (all rows) at a time
     (None: the whole chunk). Sub-chunks without a supervised token are skipped, unless
     ``skip_unsupervised`` is False (ranks that must call the LM head alike: ZeRO-3).
+    kernel: what makes the loss and its gradients with autograd on (``loss_kernels.pick``:
+    "torch" is ours; "liger" / "cce" take their own blocks); without autograd it is ours.
     """
     step = sub_chunk or hidden.shape[1]
     parts = head.linear
@@ -129,6 +152,8 @@ def chunk_loss(
         return _zero_loss(hidden)
     if parts is not None and torch.is_grad_enabled():
         with gathered(p for p in parts if p is not None):  # ZeRO-3: a collective, every rank calls it
+            if kernel != "torch":
+                return loss_kernels.ce_sum(kernel, head, hidden, target, *parts) / normalizer
             args = (target, normalizer, step, skip_unsupervised, head)
             return _FusedLinearCE.apply(hidden, parts[0], parts[1], *args)
     recompute = sub_chunk is not None and torch.is_grad_enabled() and not zero3

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ds_chunk import loss_kernels
 from ds_chunk.adapter import (
     cache_kwarg,
     cache_under_checkpointing,
@@ -236,6 +237,10 @@ class _ChunkRun:
         text = text_config(hf)
         if self.sub_chunk == "auto":
             self.sub_chunk = auto_sub_chunk(text.vocab_size, input_ids.shape[0])
+        device = input_ids.device
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else self.lm_head.module.weight.dtype
+        self.kernel = loss_kernels.pick(config.loss_kernel, self.lm_head, device, dtype)
         self.skip_unsupervised = not identical  # identical schedules: every rank calls the LM head alike
         storage = torch.device("cpu") if config.kv_offload else None
         self.store = KVStore(text.num_hidden_layers, storage)
@@ -259,7 +264,8 @@ class _ChunkRun:
     def loss(self, c: int, hidden: torch.Tensor) -> torch.Tensor:
         s, e = self.bounds[c]
         target = self.target[:, s:e]
-        return chunk_loss(self.lm_head, hidden, target, self.normalizer, self.sub_chunk, self.skip_unsupervised)
+        args = (self.normalizer, self.sub_chunk, self.skip_unsupervised, self.kernel)
+        return chunk_loss(self.lm_head, hidden, target, *args)
 
     @torch.no_grad()
     def forward_pass(self, weights: dict[int, float], want_loss: bool, has_loss: list[bool]) -> torch.Tensor:

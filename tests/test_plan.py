@@ -60,21 +60,22 @@ def test_seco_step_components_by_hand():
         # cat(prefix, chunk) per layer + bool mask and one float32 copy of it per layer
         "attention_kv": 4 * 1536 * 2 * 4 * 64 * 4 + (4 * 4 + 1) * 512 * 1536,
         "activations": 512 * TOKEN_BYTES,
-        # fused loss, sub-chunks of 256 (32 MiB rule): logits + d logits [256, V] float32, the
-        # d hidden buffer [512, 256] and the head's weight gradient [V, 256] float32
-        "logits": 256 * 32000 * 8 + 512 * 256 * 4 + 32000 * 256 * 4,
+        # fused loss, sub-chunks of 256 (32 MiB rule): the logits [256, V] float32 (turned into
+        # their gradient in place), the d hidden buffer [512, 256] and the head's weight gradient
+        # [V, 256] float32
+        "logits": 256 * 32000 * 4 + 512 * 256 * 4 + 32000 * 256 * 4,
     }
     assert est.step == pytest.approx(expected, rel=1e-12)
 
 
 def test_loss_sub_chunks_by_hand():
-    """loss_chunk_size 128, the fused loss: in the forward, a sub-chunk's logits (bf16 + its
-    float32 copy) and d logits (float32 + its bf16 copy) next to the d hidden and float32
-    weight-gradient buffers; in the backward, those saved and their scaled copies."""
+    """loss_chunk_size 128, the fused loss: a sub-chunk's float32 logits (made into d logits in
+    place) beside the bf16 logits or d logits, next to the d hidden buffer and the float32
+    weight-gradient buffer with a bf16 product added into it; the backward scales in place."""
     est = estimate(ModelShape.from_config(BENCH), Setup(seq_len=2048, chunk_size=512, loss_chunk_size=128))
-    assert est.step["logits"] == 128 * 32000 * (2 + 4 + 4 + 2) + 512 * 256 * 2 + 32000 * 256 * 4
+    assert est.step["logits"] == 128 * 32000 * (4 + 2) + 512 * 256 * 2 + 32000 * 256 * (4 + 2)
     fp32 = estimate(ModelShape.from_config(BENCH), Setup(seq_len=2048, loss_chunk_size=128, dtype="float32"))
-    assert fp32.step["logits"] == 2 * (512 * 256 * 4 + 32000 * 256 * 4)  # the backward's copies win
+    assert fp32.step["logits"] == 128 * 32000 * 4 + 512 * 256 * 4 + 32000 * 256 * 4  # no copy in the backward
 
 
 def test_plain_and_ckpt_by_hand():

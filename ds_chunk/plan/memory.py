@@ -149,18 +149,18 @@ def hf_logits_bytes(shape: ModelShape, setup: Setup, tokens: int) -> float:
 def logits_bytes(shape: ModelShape, setup: Setup, tokens: int) -> float:
     """Peak of the fused LM head + cross-entropy over ``tokens`` positions (``ds_chunk.loss``).
 
-    Per sub-chunk of s positions, in its forward: the logits [B*s, V] (and their float32
-    copy when 16-bit), d CE / d logits in float32 (and its copy in the logits' dtype), next
-    to the buffers the gradients are made into: d hidden [B, tokens, H] and, when the head
-    trains, its weight gradient [V, H] in float32. In its backward: those, saved, and
-    their scaled copies. Nothing is recomputed.
+    Per sub-chunk of s positions, in its forward: one float32 [B*s, V] tensor (the logits,
+    turned into their gradient in place) beside the 16-bit logits it was upcast from, or
+    the 16-bit copy of the gradient handed to the matmuls; next to the buffers the gradients
+    are made into: d hidden [B, tokens, H] and, when the head trains, its weight gradient
+    [V, H] in float32 (plus a 16-bit [V, H] product added into it). The backward scales
+    those buffers in place. Nothing is recomputed.
     """
     s, b = sub_chunk(shape, setup, tokens), setup.bytes
-    per_logit = b + max(4, b) + (4 + b if b < 4 else 0)  # raw (+ float32 copy), dz (+ its copy)
+    per_logit = max(4, b) + (b if b < 4 else 0)
     grad_h = setup.batch * tokens * shape.hidden * b
-    head = shape.vocab * shape.hidden * max(4, b) if setup.lora_rank == 0 else 0
-    forward = setup.batch * s * shape.vocab * per_logit + grad_h + head
-    return max(forward, 2 * (grad_h + head))
+    head = shape.vocab * shape.hidden * (max(4, b) + (b if b < 4 else 0)) if setup.lora_rank == 0 else 0
+    return setup.batch * s * shape.vocab * per_logit + grad_h + head
 
 
 # ---- the step's peak, per method -------------------------------------------------------
@@ -270,12 +270,9 @@ def offloaded_host(shape: ModelShape, setup: Setup) -> float:
 
 def _saved(shape: ModelShape, setup: Setup, prefix: int, size: int) -> float:
     """What one chunk's replay saves for backward: every layer's attention K/V, mask and
-    activations, and the fused loss's gradients (d hidden [B, C, H], the head's weight
-    gradient [V, H] when it trains)."""
-    head = shape.vocab * shape.hidden * setup.bytes if setup.lora_rank == 0 else 0
-    loss = setup.batch * size * shape.hidden * setup.bytes + head
+    activations (the fused loss keeps its gradients on the device, not saved)."""
     acts = size * setup.batch * _token_bytes(shape, setup)
-    return shape.layers * _attention_bytes(shape, setup, prefix, size) + acts + loss
+    return shape.layers * _attention_bytes(shape, setup, prefix, size) + acts
 
 
 def chunked_step(shape: ModelShape, setup: Setup) -> dict[str, float]:
