@@ -89,10 +89,12 @@ class SparseConfig:
     """``chunkwise.sparse``: SpaCO, replay only a sample of chunks.
 
     sampler: ``"bernoulli"`` replays chunk c independently with probability pi_c and
-        weights it by 1/pi_c (exactly unbiased); ``"paper"`` draws exactly t chunks
-        without replacement and weights them by k/t, capped at ``max_compensation``
-        (the paper's estimator; biased, for reproduction only).
-    rate / num_chunks: exactly one. For bernoulli, num_chunks=t means p = t/k.
+        weights it by 1/pi_c (exactly unbiased); ``"gradient"`` does too, deciding each
+        chunk when the replay reaches it, with pi_c proportional to the gradient the chunks
+        replayed after it carried into its K/V (exactly unbiased; ``sampling.GradientDraw``);
+        ``"paper"`` draws exactly t chunks without replacement and weights them by k/t,
+        capped at ``max_compensation`` (the paper's estimator; biased, for reproduction only).
+    rate / num_chunks: exactly one. For bernoulli / gradient, num_chunks=t means p = t/k.
     always_replay: chunks with pi = 1: ``"supervised"`` (every chunk holding a
         supervised token) or a list of chunk indices (negative counts from the end).
     seed: the draw of step s is a function of (seed, step[, rank]).
@@ -104,7 +106,7 @@ class SparseConfig:
         the last replayed one are not run at all.
     """
 
-    sampler: Literal["bernoulli", "paper"] = "bernoulli"
+    sampler: Literal["bernoulli", "gradient", "paper"] = "bernoulli"
     rate: float | None = None
     num_chunks: int | None = None
     always_replay: str | tuple[int, ...] = ()
@@ -116,7 +118,7 @@ class SparseConfig:
     @classmethod
     def from_dict(cls, block: dict, prefix: str = "chunkwise.sparse") -> SparseConfig:
         b = _check_keys(prefix, block, cls)
-        sampler = _choice(f"{prefix}.sampler", b.get("sampler", "bernoulli"), ("bernoulli", "paper"))
+        sampler = _choice(f"{prefix}.sampler", b.get("sampler", "bernoulli"), ("bernoulli", "gradient", "paper"))
         rate = _prob(f"{prefix}.rate", b.get("rate"))
         num_chunks = _int(f"{prefix}.num_chunks", b.get("num_chunks"), 1, optional=True)
         if (rate is None) == (num_chunks is None):

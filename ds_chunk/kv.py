@@ -17,6 +17,8 @@ flows back through the copy into the host leaves.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -89,6 +91,14 @@ class KVStore:
         if not getattr(leaf.grad, "_ds_chunk_counted", False):  # a new .grad, not an accumulation
             leaf.grad._ds_chunk_counted = True
             self.memory.track(leaf.grad)
+
+    def grad_norm(self, chunk: int) -> float:
+        """The norm of the gradient collected so far on m_chunk, all layers' K and V (0: none)."""
+        if chunk >= len(self.lengths):
+            return 0.0
+        squares = [t.grad.double().square().sum() for kv in (self.keys, self.values) for layer in kv
+                   if (t := layer[chunk]) is not None and t.grad is not None]  # fmt: skip
+        return math.sqrt(float(sum(squares))) if squares else 0.0
 
     def pop_grads(self, chunk: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """The gradient collected on m_chunk, per layer (None if none arrived); frees m_chunk.

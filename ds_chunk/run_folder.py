@@ -24,7 +24,8 @@ def method_name(chunkwise: ChunkwiseConfig) -> str:
         return "truncate"
     if chunkwise.sparse is not None:
         s = chunkwise.sparse
-        return f"spaco{s.rate if s.rate is not None else str(s.num_chunks) + 'of'}"
+        name = f"spaco{s.rate if s.rate is not None else str(s.num_chunks) + 'of'}"
+        return name + ("" if s.sampler == "bernoulli" else f"-{s.sampler}")
     return "seco"
 
 

@@ -39,7 +39,7 @@ from ds_chunk.kv import ChunkCache, KVStore
 from ds_chunk.loss import auto_sub_chunk, chunk_loss
 from ds_chunk.offload import SaveOnHost
 from ds_chunk.rng import RngTape
-from ds_chunk.sampling import ChunkSampler
+from ds_chunk.sampling import ChunkSampler, FixedDraw, GradientDraw
 
 BackwardFn = Callable[[torch.Tensor, bool], None]
 """backward_fn(scalar, is_last): backpropagate ``scalar``; ``is_last`` marks the last
@@ -63,6 +63,8 @@ class ChunkResult:
         weighted sum of the replayed chunks' losses, unbiased) or "off" (NaN).
     num_tokens: the normaliser (supervised tokens) the chunk losses were divided by.
     replayed: chunks replayed with autograd, ascending; weights: chunk -> 1/pi.
+    inclusion: SpaCO, chunk -> pi_c for the chunks the draw decided (the gradient sampler
+        decides as the replay goes; a chunk nobody reads is never decided).
     host_peak_bytes: with kv_offload, the most host memory the call held at once (KV
         leaves, their gradients, saved tensors); 0 without.
     """
@@ -74,6 +76,7 @@ class ChunkResult:
     weights: dict[int, float] = field(default_factory=dict)
     host_peak_bytes: int = 0
     loss_kind: str = "exact"
+    inclusion: dict[int, float] = field(default_factory=dict)
 
 
 class ChunkScheduler:
@@ -141,7 +144,10 @@ class ChunkScheduler:
             raise ValueError(f"has_loss names {len(has_loss)} chunks, the batch has {len(bounds)}")
         if not identical:
             has_loss = [bool(supervised[:, s:e].any()) for s, e in bounds]
-        weights = self._plan(has_loss, sampled, self.calls if step is None else step, rank)
+        if identical and self.sampler is not None and self.sampler.config.sampler == "gradient":
+            raise ValueError('chunkwise.sparse.sampler = "gradient" decides per rank, but these ranks must replay '
+                             'identical chunks (ZeRO-3): use "bernoulli" with same_on_all_ranks')  # fmt: skip
+        draw = self._plan(has_loss, sampled, self.calls if step is None else step, rank)
         self.calls += 1
 
         run = _ChunkRun(hf, self.config, input_ids, target, attention_mask, bounds, n, forward_fn, identical)
@@ -151,28 +157,34 @@ class ChunkScheduler:
             full_length_rope(hf, input_ids.shape[1]),
             chunk_attention(hf, attention_mask is not None, input_ids.device),
         ):
-            loss = run.forward_pass(weights, kind == "exact" and self.sampler is not None, has_loss)
-            replayed, weighted = run.replay(weights, backward_fn or self.backward_fn, boundary)
-        loss = {"exact": loss + replayed, "estimate": weighted, "off": torch.tensor(float("nan"))}[kind]
+            loss = run.forward_pass(draw, kind == "exact" and self.sampler is not None, has_loss)
+            weights, replayed, weighted = run.replay(draw, backward_fn or self.backward_fn, boundary)
+        if kind == "exact" and not draw.adaptive:
+            loss = loss + replayed  # the no-grad pass ran the LM head on the other chunks only
+        loss = {"exact": loss, "estimate": weighted, "off": torch.tensor(float("nan"))}[kind]
         host = run.store.memory.peak
-        return ChunkResult(loss.detach(), n, len(bounds), sorted(weights), weights, host, kind)
+        return ChunkResult(loss.detach(), n, len(bounds), sorted(weights), weights, host, kind, draw.inclusion)
 
-    def _plan(self, has_loss: list[bool], sampled: list[int] | None, step: int, rank: int) -> dict[int, float]:
-        """chunk -> weight for the chunks to replay; chunks that cannot carry gradient are dropped."""
+    def _plan(self, has_loss: list[bool], sampled: list[int] | None, step: int, rank: int):
+        """The draw: the chunks to replay and their weights (``sampling.FixedDraw``), or the
+        gradient sampler's, decided during the replay (``sampling.GradientDraw``)."""
         k = len(has_loss)
         if self.sampler is None:
             if sampled is not None:
                 raise ValueError("sampled= needs a chunkwise.sparse config (SpaCO)")
-            weights = dict.fromkeys(range(k), 1.0)
+            weights, inclusion = dict.fromkeys(range(k), 1.0), {}
+        elif self.sampler.config.sampler == "gradient":
+            return GradientDraw(self.sampler, has_loss, sampled, step, rank, self.config.truncate)
         else:
             weights = self.sampler.weights(has_loss, sampled, step, rank)
+            inclusion = dict(enumerate(self.sampler.probabilities(has_loss)))
         # A chunk contributes only through its own loss or through the gradient that a
         # later replayed chunk sends into its K/V; replaying any other adds exactly zero.
         keep: dict[int, float] = {}
         for c in sorted(weights, reverse=True):
             if has_loss[c] or (keep and not self.config.truncate):
                 keep[c] = weights[c]
-        return dict(sorted(keep.items()))
+        return FixedDraw(dict(sorted(keep.items())), inclusion)
 
 
 class LocalGrads:
@@ -268,26 +280,25 @@ class _ChunkRun:
         return chunk_loss(self.lm_head, hidden, target, *args)
 
     @torch.no_grad()
-    def forward_pass(self, weights: dict[int, float], want_loss: bool, has_loss: list[bool]) -> torch.Tensor:
-        """Build the leaves m_c that the replays read (chunks before the last replayed one).
+    def forward_pass(self, draw, want_loss: bool, has_loss: list[bool]) -> torch.Tensor:
+        """Build the leaves m_c that the replays read (chunks before the last candidate).
 
         want_loss: also run the chunks that will not be replayed, up to the last one with
         a supervised token, and compute their loss, so the reported loss is the
-        full-sequence loss (SpaCO).
+        full-sequence loss (SpaCO; the gradient sampler decides during the replay, so all).
         """
-        stop = max(weights, default=0)
-        if want_loss:
-            stop = max(stop, max((c + 1 for c, x in enumerate(has_loss) if x), default=0))
+        last = max(draw.candidates, default=0)
+        stop = max(last, max((c + 1 for c, x in enumerate(has_loss) if x), default=0)) if want_loss else last
         loss = torch.zeros((), dtype=torch.float64)
         for c in range(stop):
             self.rng.record(c)
             h, _ = self.hidden(c, record=True)
-            if want_loss and c not in weights and has_loss[c]:
+            if want_loss and has_loss[c] and (draw.adaptive or c not in draw.weights):
                 loss += self.loss(c, h).double().cpu()
         self.rng.record(stop)  # what chunk `stop` sees, and the state we leave behind
         self.end = stop
         if not self.truncate:
-            self.store.require_grad([c for c in weights if c != max(weights)])
+            self.store.require_grad([c for c in draw.candidates if c != last])
         return loss
 
     def offload_saved(self):
@@ -297,15 +308,21 @@ class _ChunkRun:
             return contextlib.nullcontext()
         return SaveOnHost(self.model, self.store.storage, self.store.memory)
 
-    def replay(self, weights: dict[int, float], backward_fn: BackwardFn, boundary: bool) -> tuple:
-        """Reverse replay with autograd; returns the loss of the replayed chunks, unweighted and
-        weighted (sum of w_i * L_i: SpaCO's unbiased estimate of the full loss)."""
+    def replay(self, draw, backward_fn: BackwardFn, boundary: bool) -> tuple:
+        """Reverse replay with autograd of the chunks the draw picks; returns chunk -> weight
+        of the replayed chunks, and their loss, unweighted and weighted (sum of w_i * L_i:
+        SpaCO's unbiased estimate of the full loss)."""
         loss, weighted = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-        order = sorted(weights, reverse=True)
+        weights: dict[int, float] = {}
         after = None  # the RNG after the last chunk's draws, as one forward would leave it
+        local = isinstance(backward_fn, LocalGrads)
         with cache_under_checkpointing(self.decoder), self.offload_saved():
-            for c in order:
-                carried = self.store.pop_grads(c)
+            for c in draw.candidates:
+                w = draw.weight(c, self.store.grad_norm)
+                carried = self.store.pop_grads(c)  # frees m_c: no earlier chunk reads it
+                if w is None:
+                    continue  # not replayed: the gradient carried into m_c goes no further
+                weights[c] = w
                 self.rng.replay(c)
                 h, cache = self.hidden(c, record=False)
                 if c == self.end:
@@ -315,19 +332,19 @@ class _ChunkRun:
                     _CarriedGrad.apply(fk, g[0]) + _CarriedGrad.apply(fv, g[1])
                     for (fk, fv), g in ((cache.fresh[i], g) for i, g in enumerate(carried) if g is not None)
                 )
-                scalar = weights[c] * (chunk + inject)
-                if isinstance(backward_fn, LocalGrads):
+                scalar = w * (chunk + inject)
+                if local:
                     backward_fn.add(scalar, self.store)
-                else:
-                    backward_fn(scalar, boundary and c == order[-1])
+                else:  # a fixed draw knows its last backward; the gradient sampler learns it too late
+                    backward_fn(scalar, boundary and not draw.adaptive and c == draw.candidates[-1])
                 loss += chunk.detach().double().cpu()
-                weighted += weights[c] * chunk.detach().double().cpu()
-        if not order and boundary and not isinstance(backward_fn, LocalGrads):
-            # Nothing replayed (an empty SpaCO draw): the step still needs its boundary
-            # backward so an engine reduces gradients; this one adds exactly zero.
+                weighted += w * chunk.detach().double().cpu()
+        if boundary and not local and (draw.adaptive or not weights):
+            # The step still needs its boundary backward (an empty draw, or the gradient
+            # sampler's) so an engine reduces gradients; this one adds exactly zero.
             backward_fn(sum(p.reshape(-1)[0] for p in self.trainable) * 0.0, True)
         if after is not None:
             self.rng.restore(after)
         else:  # the last chunk was not run: the state after the chunks that were
             self.rng.replay(self.end)
-        return loss, weighted
+        return weights, loss, weighted

@@ -44,7 +44,11 @@ def test_sparse_block():
         ({"sparse": {}}, "chunkwise.sparse.rate/num_chunks", "exactly one"),
         ({"sparse": {"rate": 0.5, "num_chunks": 2}}, "chunkwise.sparse.rate/num_chunks", "exactly one"),
         ({"sparse": {"num_chunks": 0}}, "chunkwise.sparse.num_chunks", "integer >= 1"),
-        ({"sparse": {"rate": 0.5, "sampler": "uniform"}}, "chunkwise.sparse.sampler", "'bernoulli', 'paper'"),
+        (
+            {"sparse": {"rate": 0.5, "sampler": "uniform"}},
+            "chunkwise.sparse.sampler",
+            "'bernoulli', 'gradient', 'paper'",
+        ),
         ({"sparse": {"rate": 0.5, "always_replay": "answers"}}, "chunkwise.sparse.always_replay", '"supervised"'),
         ({"sparse": {"rate": 0.5, "max_compensation": 2}}, "chunkwise.sparse.max_compensation", "unless sampler"),
         (

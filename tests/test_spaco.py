@@ -70,6 +70,57 @@ def test_bernoulli_is_exactly_unbiased(sparse, prompt):
     assert max_rel_err(_expectation(model, ids, labels, sparse, subsets), g_seco) < 1e-6
 
 
+@pytest.mark.parametrize(
+    "sparse, prompt",
+    [
+        ({"sampler": "gradient", "rate": 0.3}, 0),
+        ({"sampler": "gradient", "rate": 0.5, "always_replay": "supervised"}, 3 * C + 1),  # chunks 0-2: K/V only
+        ({"sampler": "gradient", "num_chunks": 1, "always_replay": [-1]}, 2 * C + 1),
+    ],
+)
+def test_gradient_sampler_is_exactly_unbiased(sparse, prompt):
+    """Each chunk's pi depends on the draws of the chunks after it: enumerate every draw, with
+    its probability the product of the pi_c (or 1 - pi_c) the call decided along its path."""
+    model, ids, labels = _setup(prompt)
+    g_seco, ref = _seco(model, ids, labels), reference_loss(model, ids, labels).item()
+    expected, loss, total, fractional = None, 0.0, 0.0, set()
+    for r in range(K + 1):
+        for subset in itertools.combinations(range(K), r):
+            result, g = _grad_for(model, ids, labels, sparse, list(subset))
+            pi = result.inclusion
+            prob = math.prod(pi[c] if c in subset else 1 - pi[c] for c in pi) if set(subset) <= set(pi) else 0.0
+            fractional |= {c for c, p in pi.items() if 0 < p < 1}
+            if prob == 0:
+                continue
+            assert result.replayed == list(subset)
+            assert result.weights == {c: 1 / pi[c] for c in subset}
+            total, loss = total + prob, loss + prob * float(result.loss)
+            if g is not None:
+                expected = {k: prob * v for k, v in g.items()} if expected is None else {
+                    k: expected[k] + prob * g[k] for k in g}  # fmt: skip
+    assert abs(total - 1) < 1e-12 and len(fractional) >= 2  # a real draw, not SeCO in disguise
+    assert max_rel_err(expected, g_seco) < 1e-6
+    assert abs(loss - ref) < 1e-10  # the reported estimate, sum of w_i * L_i, is unbiased too
+
+
+def test_gradient_sampler_budget():
+    """Chunks without a loss share the budget by the gradient carried into them: their pi add
+    up to at most bernoulli's expected replays at the same rate, and are not all alike."""
+    model, ids, labels = _setup(prompt=4 * C + 1)  # only the last chunk has a loss
+    sched = ChunkScheduler({"chunk_size": C, "sparse": {"sampler": "gradient", "rate": 0.25,
+                                                        "always_replay": "supervised"}})  # fmt: skip
+    pi = sched.backward(model, ids, labels, sampled=list(range(K))).inclusion
+    assert pi[K - 1] == 1.0 and len({round(pi[c], 9) for c in range(K - 1)}) == K - 1
+    assert sum(pi[c] for c in range(K - 1)) <= 0.25 * (K - 1) + 1e-12
+
+
+def test_gradient_sampler_refused_for_identical_schedules():
+    model, ids, labels = _setup()
+    sched = ChunkScheduler({"chunk_size": C, "sparse": {"sampler": "gradient", "rate": 0.5}})
+    with pytest.raises(ValueError, match='sampler = "gradient" decides per rank'):
+        sched.backward(model, ids, labels, has_loss=[True] * K)
+
+
 def test_paper_sampler_is_biased():
     model, ids, labels = _setup()
     g_seco = _seco(model, ids, labels)
