@@ -44,15 +44,23 @@ class RecallTask:
 
 
 class PasskeyTask:
-    """Filler tokens with a key of ``key_len`` tokens near the start, asked for at the end.
+    """A passkey hidden at a random depth of a long filler, asked for at the end.
 
-    Layout: [filler... MARK key filler...] QUERY key; loss on the final key tokens only.
-    Token ids: 0 = MARK, 1 = QUERY, filler from [2, vocab/2), key from [vocab/2, vocab).
+    Layout: [filler ... MARK key filler ...] QUERY key, the needle (MARK + key) anywhere in
+    the first 3/4 of the sequence, the question in the last ``key_len`` + 1 tokens; loss on
+    the answer (the final key tokens) only. Token ids: 0 = MARK, 1 = QUERY, filler from
+    [2, vocab/2), key from [vocab/2, vocab), so the needle is the only key token before the
+    question. With chunks of at most T/4 the answer's chunk never holds the needle: the
+    answer can be learnt only through gradient that crosses chunk boundaries.
+
+    key_len is 1 by default: a one-token key is learnt by the tiny default model in ~200
+    steps of 16 sequences (an answer position then looks up one token class); longer keys
+    need the copying (induction) mechanism, which a model this size learns far more slowly.
     """
 
-    def __init__(self, num_examples: int, seq_len: int, vocab_size: int, key_len: int = 4, seed: int = 0):
-        if vocab_size < 8 or seq_len < 4 * key_len + 4:
-            raise ValueError(f"passkey task needs vocab_size >= 8 and seq_len >= {4 * key_len + 4}")
+    def __init__(self, num_examples: int, seq_len: int, vocab_size: int, key_len: int = 1, seed: int = 0):
+        if vocab_size < 8 or key_len < 1 or seq_len < 4 * key_len + 4:
+            raise ValueError(f"passkey task needs vocab_size >= 8, key_len >= 1 and seq_len >= {4 * key_len + 4}")
         self.n, self.seq_len, self.vocab, self.key_len, self.seed = num_examples, seq_len, vocab_size, key_len, seed
 
     def __len__(self) -> int:
@@ -63,7 +71,7 @@ class PasskeyTask:
         half, k = self.vocab // 2, self.key_len
         ids = torch.randint(2, half, (self.seq_len,), generator=g)
         key = torch.randint(half, self.vocab, (k,), generator=g)
-        at = int(torch.randint(0, self.seq_len // 4, (1,), generator=g))  # early in the sequence
+        at = int(torch.randint(0, 3 * self.seq_len // 4 - k, (1,), generator=g))  # the needle's depth
         ids[at] = 0
         ids[at + 1 : at + 1 + k] = key
         ids[-k - 1] = 1
@@ -71,6 +79,36 @@ class PasskeyTask:
         labels = torch.full_like(ids, IGNORE_INDEX)
         labels[-k:] = key
         return {"input_ids": ids, "labels": labels}
+
+
+class StdlibBytes:
+    """Byte-level language modelling on real text nobody here wrote: the Python standard
+    library's own ``*.py`` files (they ship with every Python), split into held-out and
+    training files by a seeded draw of ``eval_fraction`` of the files.
+
+    The files of a split are joined (each followed by a NUL byte, which source files do not
+    contain) and cut into blocks of ``seq_len`` bytes; loss on every byte (vocabulary 256).
+    """
+
+    def __init__(self, seq_len: int, split: str, eval_fraction: float = 0.1, seed: int = 0, root: str | None = None):
+        import sysconfig
+        from pathlib import Path
+
+        if split not in ("train", "eval"):
+            raise ValueError(f"split {split!r}: expected 'train' or 'eval'")
+        files = sorted(Path(root or sysconfig.get_paths()["stdlib"]).glob("*.py"))
+        held = set(held_out_rows(len(files), eval_fraction, seed))
+        chosen = [f for i, f in enumerate(files) if (i in held) == (split == "eval")]
+        stream = torch.frombuffer(bytearray(b"".join(f.read_bytes() + b"\0" for f in chosen)), dtype=torch.uint8)
+        self.files, self.blocks = chosen, stream[: len(stream) // seq_len * seq_len].long().view(-1, seq_len)
+        if len(self.blocks) == 0:
+            raise ValueError(f"the {split} files of {root or 'the standard library'} hold fewer than {seq_len} bytes")
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> Example:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
 
 
 class NoSupervisedTokens(ValueError):

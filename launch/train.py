@@ -33,6 +33,7 @@ from ds_chunk.data import (  # noqa: E402
     NoSupervisedTokens,
     PasskeyTask,
     RecallTask,
+    StdlibBytes,
     TokenizedDataset,
     batches,
     eval_batches,
@@ -44,8 +45,15 @@ from ds_chunk.model import load_tokenizer  # noqa: E402
 from ds_chunk.run_folder import default_output_dir, method_name, resume_point, save_base_model  # noqa: E402
 from ds_chunk.tracking import RunLog, tracker_names  # noqa: E402
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ds_configs", "recall_cpu.json")
-DEFAULT_STEPS = 250
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ds_configs")
+# each built-in task's default DeepSpeed config (model, batch, lr schedule, chunk size),
+# sequence length and optimizer steps; --data runs use recall's config and 1024 tokens
+TASKS = {
+    "recall": ("recall_cpu.json", 1024, 250),
+    "passkey": ("passkey_cpu.json", 512, 300),
+    "stdlib": ("stdlib_bytes_cpu.json", 2048, 300),
+}
+DEFAULT_STEPS = 250  # --data runs without --max-steps / --epochs
 
 
 def _number(kind, lo, hi=None, open_hi=False):
@@ -71,8 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--deepspeed_config",
         "--config",
-        default=os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", DEFAULT_CONFIG),
-        help="DeepSpeed JSON config (default: the accelerate yaml's file, else ds_configs/recall_cpu.json)",
+        help="DeepSpeed JSON config (default: the accelerate yaml's file, else the task's: "
+        "ds_configs/recall_cpu.json, passkey_cpu.json)",
     )
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     m = p.add_argument_group("model (overrides the config's model block)")
@@ -87,11 +95,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d.add_argument("--eval-data", help="held-out JSONL / hf: source (default: --eval-fraction of --data)")
     d.add_argument("--eval-fraction", type=_number(float, 0.0, 1.0, open_hi=True), default=0.02,
                    help="records of --data held out for evaluation (at least 1; 0: none)")  # fmt: skip
-    d.add_argument("--task", choices=["recall", "passkey"], default="recall", help="synthetic task (no --data)")
-    d.add_argument("--seq-len", type=_number(int, 2), default=1024, help="tokens per sequence (pack/truncate)")
+    d.add_argument("--task", choices=list(TASKS), default="recall", help="built-in data (no --data): the "
+                   "synthetic recall or passkey task, or stdlib: bytes of Python's standard library")  # fmt: skip
+    d.add_argument("--seq-len", type=_number(int, 2), help="tokens per sequence (pack/truncate; default 1024, "
+                   "passkey 512, stdlib 2048)")  # fmt: skip
     c = p.add_argument_group("chunking (overrides the config's chunkwise block)")
     c.add_argument("--chunk-size", type=int, help="chunkwise.chunk_size")
     c.add_argument("--sparse-rate", type=float, help="SpaCO: replay each chunk with this probability")
+    c.add_argument("--sampler", choices=["bernoulli", "gradient", "paper"], help="SpaCO: chunkwise.sparse.sampler")
     c.add_argument("--always-replay", choices=["supervised"], help="SpaCO: chunks with a supervised token replayed "
                    "always (chunkwise.sparse.always_replay)")  # fmt: skip
     c.add_argument("--truncate", action="store_true", help="baseline: no gradient across chunk boundaries")
@@ -106,7 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "replacing the config's scheduler block")  # fmt: skip
     o.add_argument("--warmup-steps", type=_number(int, 0), help="with --lr-scheduler")
     o.add_argument("--warmup-ratio", type=_number(float, 0.0, 1.0), help="with --lr-scheduler: of all steps")
-    o.add_argument("--max-steps", type=_number(int, 1), help=f"optimizer steps (default {DEFAULT_STEPS})")
+    o.add_argument("--max-steps", type=_number(int, 1), help="optimizer steps (default: 250; passkey, stdlib: 300)")
     o.add_argument("--epochs", type=_number(float, 0.0), help="passes over the data, unless --max-steps is given")
     o.add_argument("--seed", type=int, default=0)
     e = p.add_argument_group("evaluation")
@@ -125,6 +136,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--report-to", nargs="+", default=["none"], help="trackers: tensorboard, wandb, ..., all, none")
     s.add_argument("--tensorboard", action="store_true", help="same as --report-to tensorboard")
     args = p.parse_args(argv)
+    task_config, task_len, task_steps = TASKS["recall" if args.data else args.task]
+    default_config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", os.path.join(CONFIGS, task_config))
+    args.deepspeed_config = args.deepspeed_config or default_config
+    args.seq_len = args.seq_len or task_len
+    args.default_steps = DEFAULT_STEPS if args.data else task_steps
     if args.tensorboard:
         args.report_to = [*(r for r in args.report_to if r != "none"), "tensorboard"]
     if (args.warmup_steps is not None or args.warmup_ratio is not None) and not args.lr_scheduler:
@@ -147,7 +163,7 @@ def load_config(args: argparse.Namespace, micro_batch: int | None = None) -> dic
         except json.JSONDecodeError as e:
             raise ValueError(f"{args.deepspeed_config}:{e.lineno}: not valid JSON ({e.msg})") from None
     warn_misspelled_blocks(cfg, args.deepspeed_config)
-    chunk_flags = (args.chunk_size, args.sparse_rate, args.always_replay, args.truncate or None,
+    chunk_flags = (args.chunk_size, args.sparse_rate, args.always_replay, args.sampler, args.truncate or None,
                    args.kv_offload or None)  # fmt: skip
     if "chunkwise" not in cfg and all(flag is None for flag in chunk_flags):
         cfg["chunkwise"] = {"enabled": False}  # a plain DeepSpeed config trains unchunked, as the library does
@@ -178,8 +194,9 @@ def chunkwise_block(args: argparse.Namespace, block: dict) -> dict:
     if args.sparse_rate is not None:
         chunkwise["sparse"] = {**chunkwise.get("sparse", {}), "rate": args.sparse_rate}
         chunkwise["sparse"].pop("num_chunks", None)
-    if args.always_replay:
-        chunkwise["sparse"] = {**chunkwise.get("sparse", {}), "always_replay": args.always_replay}
+    for key, value in (("always_replay", args.always_replay), ("sampler", args.sampler)):
+        if value:
+            chunkwise["sparse"] = {**chunkwise.get("sparse", {}), key: value}
     if args.truncate:
         chunkwise["truncate"] = True
     if args.kv_offload:
@@ -298,6 +315,10 @@ def build_data(args: argparse.Namespace, cfg: dict):
         vocab = cfg["model"].get("config", {}).get("vocab_size")
         if vocab is None:
             raise ValueError("the synthetic tasks need a model built from a config; pass --data for a real model")
+        if args.task == "stdlib":  # held out: a fixed seeded tenth of the files
+            if vocab < 256:
+                raise ValueError(f"--task stdlib needs a model with vocab_size >= 256 (bytes), not {vocab}")
+            return StdlibBytes(args.seq_len, "train"), StdlibBytes(args.seq_len, "eval")
         task = RecallTask if args.task == "recall" else PasskeyTask
         return task(100_000, args.seq_len, vocab, seed=args.seed), task(64, args.seq_len, vocab, seed=args.seed + 1)
     records, where = load_records(args.data)
@@ -340,7 +361,7 @@ def total_steps(args: argparse.Namespace, cfg: dict, num_examples: int) -> int:
         )
     if args.max_steps is not None:
         return args.max_steps
-    return max(1, math.ceil(args.epochs * per_epoch)) if args.epochs else DEFAULT_STEPS
+    return max(1, math.ceil(args.epochs * per_epoch)) if args.epochs else args.default_steps
 
 
 # ---- the loop ----------------------------------------------------------------------------

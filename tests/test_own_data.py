@@ -198,7 +198,7 @@ def test_report_to_tensorboard(tmp_path):
 
 
 def test_misspelled_block_name_warns(tmp_path):
-    cfg = json.load(open(train.DEFAULT_CONFIG))
+    cfg = json.load(open(os.path.join(train.CONFIGS, "recall_cpu.json")))
     cfg["chunk_wise"] = cfg.pop("chunkwise")
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(cfg))

@@ -43,7 +43,7 @@ def test_resume_with_lora_dropout_is_exact_and_adapter_loads(tmp_path):
     assert _losses(rest) == full[2:]  # the dropout masks continue too (RNG state is saved)
     from ds_chunk.model import ModelConfig, build_model
 
-    with open(train.DEFAULT_CONFIG) as f:
+    with open(os.path.join(train.CONFIGS, "recall_cpu.json")) as f:
         base = build_model(ModelConfig.from_dict(json.load(f)["model"]))
     adapter = PeftModel.from_pretrained(base, str(tmp_path / "b" / "checkpoints" / "step_2" / "adapter"))
     assert any("lora_A" in n for n, _ in adapter.named_parameters())
