@@ -90,8 +90,8 @@ class SparseConfig:
 
     sampler: ``"bernoulli"`` replays chunk c independently with probability pi_c and
         weights it by 1/pi_c (exactly unbiased); ``"gradient"`` does too, deciding each
-        chunk when the replay reaches it, with pi_c proportional to the gradient the chunks
-        replayed after it carried into its K/V (exactly unbiased; ``sampling.GradientDraw``);
+        chunk when the replay reaches it, with pi_c proportional to the gradient the first
+        replayed chunk carried into its K/V (exactly unbiased; ``sampling.GradientDraw``);
         ``"paper"`` draws exactly t chunks without replacement and weights them by k/t,
         capped at ``max_compensation`` (the paper's estimator; biased, for reproduction only).
     rate / num_chunks: exactly one. For bernoulli / gradient, num_chunks=t means p = t/k.

@@ -7,8 +7,8 @@ so E[estimate] equals the SeCO gradient exactly.
 
 gradient (exactly unbiased, adaptive): chunks are decided in the replay's reverse order,
 chunk c when the replay reaches it, with pi_c proportional to the norm of the gradient the
-chunks replayed after it carried into its K/V (the first-order share of chunk c in the
-loss), so the chunks later chunks read from are replayed and the ones nobody reads are
+first replayed chunk carried into its K/V (the first-order share of chunk c in the loss; for
+a chunk it sent nothing, what the later replays carried by the time c is decided), so the chunks later chunks read from are replayed and the ones nobody reads are
 skipped. pi_c depends only on draws already made (of chunks > c) and chunk c's own uniform
 draw is independent of them, so conditioned on that history chunk c's weighted
 contribution has the SeCO expectation; by induction from the last chunk the whole estimate
@@ -120,6 +120,9 @@ class GradientDraw:
     barely reads seldom, and the chunks without a loss cost at most bernoulli's expected
     replays at the same rate. Later replays carry more gradient in (weighted 1/pi), but the
     shares stay those of the first: what a step costs is known from the first replay on.
+    Except where the first replay sent nothing (n_j = 0: a sliding window shorter than the
+    distance): such a chunk gets its share from the norm when it is decided, rate * norm /
+    mean(n), as a pi of 0 would drop the gradient later replays carried into it (a bias).
     """
 
     adaptive = True
@@ -134,6 +137,7 @@ class GradientDraw:
         self.forced = None if sampled is None else set(_checked(sampled, k))
         self.uniform = torch.rand(k, generator=sampler.generator(step, rank), dtype=torch.float64).tolist()
         self.share: dict[int, float] | None = None
+        self.mean = 0.0  # mean(n) at the first gradient
         self.inclusion: dict[int, float] = {}  # pi_c of every chunk decided
 
     def weight(self, c: int, norm: Callable[[int], float]) -> float | None:
@@ -150,5 +154,8 @@ class GradientDraw:
             mean = sum(norms.values()) / max(len(norms), 1)
             if mean == 0.0:
                 return floor  # no gradient has arrived yet
-            self.share = {j: min(1.0, self.rate * n / mean) for j, n in norms.items()}
-        return max(floor, self.share[c])
+            self.mean, self.share = mean, {j: min(1.0, self.rate * n / mean) for j, n in norms.items()}
+        share = self.share[c]
+        if share == 0.0:  # nothing had reached c at the first replay (a sliding window): what has now
+            share = min(1.0, self.rate * norm(c) / self.mean)
+        return max(floor, share)

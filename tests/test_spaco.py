@@ -4,6 +4,7 @@ import itertools
 import math
 
 import pytest
+import families
 import torch
 from models import grads, max_rel_err, reference_loss, tiny_model
 
@@ -14,8 +15,8 @@ from ds_chunk.sampling import ChunkSampler
 K, C = 5, 8  # 5 chunks of 8 tokens
 
 
-def _setup(prompt: int = 0):
-    model = tiny_model("llama")
+def _setup(prompt: int = 0, family: str | None = None):
+    model = tiny_model("llama") if family is None else families.build(family)
     ids = torch.randint(0, 97, (2, K * C), generator=torch.Generator().manual_seed(2))
     labels = ids.clone()
     labels[0, :12] = -100  # chunk 0 supervised only in row 1
@@ -71,17 +72,19 @@ def test_bernoulli_is_exactly_unbiased(sparse, prompt):
 
 
 @pytest.mark.parametrize(
-    "sparse, prompt",
+    "sparse, prompt, family",
     [
-        ({"sampler": "gradient", "rate": 0.3}, 0),
-        ({"sampler": "gradient", "rate": 0.5, "always_replay": "supervised"}, 3 * C + 1),  # chunks 0-2: K/V only
-        ({"sampler": "gradient", "num_chunks": 1, "always_replay": [-1]}, 2 * C + 1),
+        ({"sampler": "gradient", "rate": 0.3}, 0, None),
+        ({"sampler": "gradient", "rate": 0.5, "always_replay": "supervised"}, 3 * C + 1, None),  # chunks 0-2: K/V only
+        ({"sampler": "gradient", "num_chunks": 1, "always_replay": [-1]}, 2 * C + 1, None),
+        # window 16 = 2 chunks: the first replay (chunk 4) sends nothing to chunks 0-1, later replays do
+        ({"sampler": "gradient", "rate": 0.5, "always_replay": "supervised"}, 4 * C + 1, "mistral_sliding16"),
     ],
 )
-def test_gradient_sampler_is_exactly_unbiased(sparse, prompt):
+def test_gradient_sampler_is_exactly_unbiased(sparse, prompt, family):
     """Each chunk's pi depends on the draws of the chunks after it: enumerate every draw, with
     its probability the product of the pi_c (or 1 - pi_c) the call decided along its path."""
-    model, ids, labels = _setup(prompt)
+    model, ids, labels = _setup(prompt, family)
     g_seco, ref = _seco(model, ids, labels), reference_loss(model, ids, labels).item()
     expected, loss, total, fractional = None, 0.0, 0.0, set()
     for r in range(K + 1):
