@@ -1,9 +1,12 @@
 """Fused LM head + cross-entropy kernels of other libraries, for CUDA, imported on first use.
 
 ``"liger"``: Liger-Kernel's fused linear cross-entropy (Triton). ``"cce"``: Apple's Cut
-Cross-Entropy (Triton), run exactly (``filter_eps=None``: no gradient filtering). Both make
-the gradients in the forward, block by block, as ``ds_chunk.loss`` does in torch; they
-return the CE sum of a chunk, which ``chunk_loss`` divides by the step's normaliser.
+Cross-Entropy (Triton), run exactly (``filter_eps=None``: no gradient filtering). Liger makes
+the gradients in the forward, block by block, as ``ds_chunk.loss`` does in torch; CCE keeps
+the hidden states and the head's weight and makes them in its backward, recomputing the
+logits block by block (so not under ZeRO-3, which re-partitions the weight after the
+forward). Both return the CE sum of a chunk, which ``chunk_loss`` divides by the step's
+normaliser.
 
 ``chunkwise.loss_kernel`` picks one; absent, CUDA takes liger when installed, then cce,
 and every other device ds_chunk's own torch kernel (``"torch"``). A kernel runs only where
@@ -23,6 +26,7 @@ import torch
 
 from ds_chunk.adapter import LMHead
 from ds_chunk.chunking import IGNORE_INDEX
+from ds_chunk.zero3 import partitioned
 
 KERNELS = ("torch", "liger", "cce")
 PACKAGES = {"liger": ("liger_kernel", "liger-kernel"), "cce": ("cut_cross_entropy", "cut-cross-entropy")}
@@ -50,6 +54,8 @@ def _why_not(kernel: str, head: LMHead, device: torch.device, dtype: torch.dtype
         return f"it computes in 16/32-bit, not {dtype}"
     if kernel == "cce" and head.linear[1] is not None:
         return "Cut Cross-Entropy takes no LM head bias"
+    if kernel == "cce" and partitioned(head.module.parameters()):
+        return "Cut Cross-Entropy reads the LM head's weight again in its backward, when ZeRO-3 has partitioned it"
     return None
 
 

@@ -23,8 +23,10 @@ def everything_installed(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
-def _head(bias=False, transform=None) -> LMHead:
+def _head(bias=False, transform=None, zero3=False) -> LMHead:
     module = nn.Linear(8, 11, bias=bias)
+    if zero3:
+        module.weight.ds_id = 0  # how DeepSpeed tags a ZeRO-3 partitioned parameter
     if transform is None:
         return LMHead(module)
     attr, f, df = LOGIT_TRANSFORMS[transform]
@@ -43,6 +45,7 @@ def test_default_pick_falls_back_to_what_is_installed(monkeypatch):
     monkeypatch.setattr(loss_kernels, "installed", lambda kernel: kernel != "liger")
     assert loss_kernels.pick(None, _head(), CUDA, torch.bfloat16) == "cce"
     assert loss_kernels.pick(None, _head(bias=True), CUDA, torch.bfloat16) == "torch"  # cce: no bias
+    assert loss_kernels.pick(None, _head(zero3=True), CUDA, torch.bfloat16) == "torch"  # cce: not under ZeRO-3
     monkeypatch.setattr(loss_kernels, "installed", lambda kernel: kernel == "torch")
     assert loss_kernels.pick(None, _head(), CUDA, torch.bfloat16) == "torch"
 
@@ -54,6 +57,7 @@ def test_default_pick_falls_back_to_what_is_installed(monkeypatch):
         ("cce", _head(bias=True), CUDA, torch.bfloat16, "no LM head bias"),
         ("liger", _head(transform="cohere"), CUDA, torch.bfloat16, "'logit_scale' logit transform"),
         ("cce", _head(), CUDA, torch.float64, "16/32-bit"),
+        ("cce", _head(zero3=True), CUDA, torch.bfloat16, "backward, when ZeRO-3 has partitioned it"),
     ],
 )
 def test_explicit_choice_that_cannot_run_names_the_key(everything_installed, kernel, head, device, dtype, reason):
