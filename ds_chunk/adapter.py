@@ -52,8 +52,9 @@ def text_config(model: nn.Module):
 # after the output embedding by that family's *ForCausalLM.forward, elementwise, so the chunked
 # loss applies it too (and the fused loss its derivative).
 _SOFTCAP = ("final_logit_softcapping", lambda x, c: torch.tanh(x / c) * c, lambda x, c: 1 - torch.tanh(x / c) ** 2)
-_DIVIDE = ("logits_scaling", lambda x, s: x / s, lambda x, s: torch.full_like(x, 1 / s))
-_MULTIPLY = ("logit_scale", lambda x, s: x * s, lambda x, s: torch.full_like(x, s))
+# (a constant slope is a number: no [n, V] tensor of it)
+_DIVIDE = ("logits_scaling", lambda x, s: x / s, lambda x, s: 1 / s)
+_MULTIPLY = ("logit_scale", lambda x, s: x * s, lambda x, s: s)
 LOGIT_TRANSFORMS = {
     "gemma2": _SOFTCAP,
     "gemma3_text": _SOFTCAP,

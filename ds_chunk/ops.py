@@ -102,3 +102,17 @@ def remove_shm_buffers(port: int | str, rank: int | None = None) -> int:
                 os.unlink(os.path.join(SHM_DIR, name))
                 removed += 1
     return removed
+
+
+def leave_together() -> None:
+    """Ranks leave the process group together: one that exits while ZeRO-3 still talks to it
+    can abort the other at exit (exit code 250 after a finished run); then each rank's shm
+    buffer is removed (``remove_shm_buffers``)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if "MASTER_PORT" in os.environ:
+            remove_shm_buffers(os.environ["MASTER_PORT"], rank)

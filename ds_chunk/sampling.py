@@ -8,11 +8,12 @@ so E[estimate] equals the SeCO gradient exactly.
 gradient (exactly unbiased, adaptive): chunks are decided in the replay's reverse order,
 chunk c when the replay reaches it, with pi_c proportional to the norm of the gradient the
 first replayed chunk carried into its K/V (the first-order share of chunk c in the loss; for
-a chunk it sent nothing, what the later replays carried by the time c is decided), so the chunks later chunks read from are replayed and the ones nobody reads are
-skipped. pi_c depends only on draws already made (of chunks > c) and chunk c's own uniform
-draw is independent of them, so conditioned on that history chunk c's weighted
-contribution has the SeCO expectation; by induction from the last chunk the whole estimate
-does (``test_spaco`` enumerates every draw).
+a chunk it sent nothing, what the later replays carried by the time c is decided), so the
+chunks later chunks read from are replayed and the ones nobody reads are skipped. pi_c
+depends only on draws already made (of chunks > c) and chunk c's own uniform draw is
+independent of them, so conditioned on that history chunk c's weighted contribution has the
+SeCO expectation; by induction from the last chunk the whole estimate does (``test_spaco``
+enumerates every draw).
 
 paper (arXiv 2505.16710, Alg. 2): exactly t of k chunks without replacement, weight k/t,
 capped at max_compensation. Biased (a path through q replayed chunks survives with

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
-from ds_chunk import checkpoint, run_folder  # noqa: E402
+from ds_chunk import checkpoint, ops, run_folder  # noqa: E402
 from ds_chunk.config import OUR_BLOCKS, ChunkwiseConfig, ConfigError, warn_misspelled_blocks  # noqa: E402
 from ds_chunk.data import (  # noqa: E402
     NoSupervisedTokens,
@@ -53,7 +53,7 @@ TASKS = {
     "passkey": ("passkey_cpu.json", 512, 300),
     "stdlib": ("stdlib_bytes_cpu.json", 2048, 300),
 }
-DEFAULT_STEPS = 250  # --data runs without --max-steps / --epochs
+DEFAULT_STEPS = TASKS["recall"][2]  # --data runs without --max-steps / --epochs
 
 
 def _number(kind, lo, hi=None, open_hi=False):
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--deepspeed_config",
         "--config",
         help="DeepSpeed JSON config (default: the accelerate yaml's file, else the task's: "
-        "ds_configs/recall_cpu.json, passkey_cpu.json)",
+        "ds_configs/recall_cpu.json, passkey_cpu.json, stdlib_bytes_cpu.json)",
     )
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     m = p.add_argument_group("model (overrides the config's model block)")
@@ -473,21 +473,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     resume = resume_point(args.output_dir, args.resume, args.resume_from, args.overwrite_output_dir)
     train_data, eval_data = build_data(args, cfg)
     steps = total_steps(args, cfg, len(train_data))
+    length = cfg.get("scheduler", {}).get("params", {}).get("total_num_steps")
+    if isinstance(length, int) and length != steps:  # kept: a longer run stays at the schedule's end
+        warnings.warn(f"{args.deepspeed_config}: scheduler.params.total_num_steps = {length}, but this run takes "
+                      f"{steps} optimizer steps; the schedule is the config's (or pass --lr-scheduler)",
+                      stacklevel=1)  # fmt: skip
     engine = build_engine(cfg, lr_schedule(args, cfg, steps))
     return train(args, engine, train_data, eval_data, steps, resume, cfg)
-
-
-def leave_together() -> None:
-    """Ranks leave the process group together: one that exits while ZeRO-3 still talks to it
-    can abort the other at exit (exit code 250 after a finished run)."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        rank = torch.distributed.get_rank()
-        torch.distributed.destroy_process_group()
-        if "MASTER_PORT" in os.environ:  # DeepSpeed's CPU comm op leaves 64 MiB per rank in /dev/shm
-            from ds_chunk.ops import remove_shm_buffers
-
-            remove_shm_buffers(os.environ["MASTER_PORT"], rank)
 
 
 if __name__ == "__main__":
@@ -496,7 +488,7 @@ if __name__ == "__main__":
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"  # one line each
     try:
         main()
-        leave_together()
+        ops.leave_together()
     except (ValueError, ConfigError, FileNotFoundError, UnsupportedModelError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)  # one clear line, no traceback wall
         sys.exit(2)

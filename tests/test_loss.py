@@ -17,8 +17,8 @@ def _head(bias: bool, trainable: bool, dtype=torch.float64, transform: str | Non
     module.requires_grad_(trainable)
     if transform is None:
         return LMHead(module)
-    _, f, df = LOGIT_TRANSFORMS[transform]
-    return LMHead(module, f, df, {"gemma2": 2.0, "granite": 4.0, "cohere": 0.3}[transform])
+    attr, f, df = LOGIT_TRANSFORMS[transform]
+    return LMHead(module, f, df, {"gemma2": 2.0, "granite": 4.0, "cohere": 0.3}[transform], attr)
 
 
 def _inputs(dtype=torch.float64):

@@ -76,6 +76,10 @@ def test_loss_sub_chunks_by_hand():
     assert est.step["logits"] == 128 * 32000 * (4 + 2) + 512 * 256 * 2 + 32000 * 256 * (4 + 2)
     fp32 = estimate(ModelShape.from_config(BENCH), Setup(seq_len=2048, loss_chunk_size=128, dtype="float32"))
     assert fp32.step["logits"] == 128 * 32000 * 4 + 512 * 256 * 4 + 32000 * 256 * 4  # no copy in the backward
+    softcap = ModelShape.from_config({**BENCH, "model_type": "gemma2", "final_logit_softcapping": 30.0})
+    assert softcap.logit_transform and not ModelShape.from_config(BENCH).logit_transform
+    capped = estimate(softcap, Setup(seq_len=2048, loss_chunk_size=128, dtype="float32"))
+    assert capped.step["logits"] - fp32.step["logits"] == 128 * 32000 * 4  # the slope 1 - tanh^2, kept to the end
 
 
 def test_plain_and_ckpt_by_hand():

@@ -3,8 +3,8 @@
 import itertools
 import math
 
-import pytest
 import families
+import pytest
 import torch
 from models import grads, max_rel_err, reference_loss, tiny_model
 

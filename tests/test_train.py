@@ -72,6 +72,12 @@ def test_spaco_resume_replays_the_same_draws(tmp_path):
     assert all(r["step_s"] > 0 for r in steps)  # wall seconds per step, for quality per second
 
 
+def test_a_config_schedule_of_another_length_is_said(tmp_path):
+    args = ["--task", "passkey", "--max-steps", "1", "--eval-batches", "1", "--output-dir", str(tmp_path)]
+    with pytest.warns(UserWarning, match="total_num_steps = 300, but this run takes 1 optimizer steps"):
+        train.main(args)
+
+
 def test_always_replay_flag_sets_the_sparse_block():
     cfg = train.load_config(train.parse_args(["--sparse-rate", "0.25", "--always-replay", "supervised"]))
     assert cfg["chunkwise"]["sparse"] == {"rate": 0.25, "always_replay": "supervised"}

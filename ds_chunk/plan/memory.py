@@ -154,10 +154,11 @@ def logits_bytes(shape: ModelShape, setup: Setup, tokens: int) -> float:
     the 16-bit copy of the gradient handed to the matmuls; next to the buffers the gradients
     are made into: d hidden [B, tokens, H] and, when the head trains, its weight gradient
     [V, H] in float32 (plus a 16-bit [V, H] product added into it). The backward scales
-    those buffers in place. Nothing is recomputed.
+    those buffers in place. Nothing is recomputed. A logit transform adds a second float32
+    [B*s, V] tensor (soft-capping's slope, or the scaled logits).
     """
     s, b = sub_chunk(shape, setup, tokens), setup.bytes
-    per_logit = max(4, b) + (b if b < 4 else 0)
+    per_logit = max(4, b) + (b if b < 4 else 0) + (4 if shape.logit_transform else 0)
     grad_h = setup.batch * tokens * shape.hidden * b
     head = shape.vocab * shape.hidden * (max(4, b) + (b if b < 4 else 0)) if setup.lora_rank == 0 else 0
     return setup.batch * s * shape.vocab * per_logit + grad_h + head

@@ -28,6 +28,7 @@ class ModelShape:
     tied: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head ([head_dim] weights each)
+    logit_transform: bool = False  # soft-capping or a logit scale (Gemma 2, Granite, Cohere)
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
@@ -37,6 +38,9 @@ class ModelShape:
         if not isinstance(config, dict):
             config = config.get_text_config().to_dict()
         config = config.get("text_config", config)
+        from ds_chunk.adapter import LOGIT_TRANSFORMS
+
+        transform = LOGIT_TRANSFORMS.get(config.get("model_type"))
         heads = config["num_attention_heads"]
         bias = config.get("attention_bias")  # Qwen2 has no such key but always uses q/k/v biases
         return cls(
@@ -50,6 +54,7 @@ class ModelShape:
             tied=bool(config.get("tie_word_embeddings", False)),
             qkv_bias=bool(config.get("model_type") == "qwen2" if bias is None else bias),
             qk_norm=config.get("model_type") == "qwen3",
+            logit_transform=transform is not None and config.get(transform[0]) is not None,
         )
 
     def linears(self) -> dict[str, tuple[int, int]]:
