@@ -50,8 +50,8 @@ class PasskeyTask:
     the first 3/4 of the sequence, the question in the last ``key_len`` + 1 tokens; loss on
     the answer (the final key tokens) only. Token ids: 0 = MARK, 1 = QUERY, filler from
     [2, vocab/2), key from [vocab/2, vocab), so the needle is the only key token before the
-    question. With chunks of at most T/4 the answer's chunk never holds the needle: the
-    answer can be learnt only through gradient that crosses chunk boundaries.
+    question. With chunks of at most T/4 (and a short key) the answer's chunk never holds
+    the needle: the answer can be learnt only through gradient that crosses chunk boundaries.
 
     key_len is 1 by default: a one-token key is learnt by the tiny default model in ~200
     steps of 16 sequences (an answer position then looks up one token class); longer keys
@@ -96,7 +96,10 @@ class StdlibBytes:
 
         if split not in ("train", "eval"):
             raise ValueError(f"split {split!r}: expected 'train' or 'eval'")
-        files = sorted(Path(root or sysconfig.get_paths()["stdlib"]).glob("*.py"))
+        folder = Path(root or sysconfig.get_paths()["stdlib"])
+        files = sorted(folder.glob("*.py"))
+        if not files:
+            raise ValueError(f"no *.py files in {folder} (the standard library's sources are not installed?)")
         held = set(held_out_rows(len(files), eval_fraction, seed))
         chosen = [f for i, f in enumerate(files) if (i in held) == (split == "eval")]
         stream = torch.frombuffer(bytearray(b"".join(f.read_bytes() + b"\0" for f in chosen)), dtype=torch.uint8)

@@ -64,7 +64,8 @@ class ChunkResult:
     num_tokens: the normaliser (supervised tokens) the chunk losses were divided by.
     replayed: chunks replayed with autograd, ascending; weights: chunk -> 1/pi.
     inclusion: SpaCO, chunk -> pi_c for the chunks the draw decided (the gradient sampler
-        decides as the replay goes; a chunk nobody reads is never decided).
+        decides as the replay goes; chunks after the last supervised one, and without a loss
+        when truncating, are never decided).
     host_peak_bytes: with kv_offload, the most host memory the call held at once (KV
         leaves, their gradients, saved tensors); 0 without.
     """

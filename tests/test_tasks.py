@@ -46,6 +46,8 @@ def test_stdlib_bytes_split_by_file(tmp_path):
     assert held[0]["input_ids"].max() < 256
     with pytest.raises(ValueError, match="fewer than 4096 bytes"):
         StdlibBytes(4096, "eval", 0.2, root=str(tmp_path))
+    with pytest.raises(ValueError, match=r"no \*\.py files in .*nowhere"):
+        StdlibBytes(32, "train", root=str(tmp_path / "nowhere"))
 
 
 def _input_grads(task, chunk: int, truncate: bool) -> torch.Tensor:

@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     for (task, method, _), folder in zip(jobs, folders):
         results.setdefault(task, {}).setdefault(method, []).append(curve(folder))
     rows = [{"task": t, "method": m, "seed": s, **p} for (t, m, s), f in zip(jobs, folders) for p in curve(f)]
+    if not rows:
+        raise SystemExit(f"no run logged an evaluation: see the runs' metrics.jsonl under {args.out}")
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "quality.csv", "w") as f:
         f.write(",".join(rows[0]) + "\n" + "".join(",".join(str(v) for v in r.values()) + "\n" for r in rows))
