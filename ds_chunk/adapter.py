@@ -48,13 +48,21 @@ def text_config(model: nn.Module):
 
 # ---- what a family's forward does to the logits ----------------------------------------------
 
-# model_type -> (config attribute, transform(logits, v), its derivative(logits, v)): applied
-# after the output embedding by that family's *ForCausalLM.forward, elementwise, so the chunked
-# loss applies it too (and the fused loss its derivative).
-_SOFTCAP = ("final_logit_softcapping", lambda x, c: torch.tanh(x / c) * c, lambda x, c: 1 - torch.tanh(x / c) ** 2)
-# (a constant slope is a number: no [n, V] tensor of it)
-_DIVIDE = ("logits_scaling", lambda x, s: x / s, lambda x, s: 1 / s)
-_MULTIPLY = ("logit_scale", lambda x, s: x * s, lambda x, s: s)
+# model_type -> (config attribute, transform(logits, v), with_slope(logits, v)): applied after
+# the output embedding by that family's *ForCausalLM.forward, elementwise, so the chunked loss
+# applies it too. with_slope is the fused loss's: (the transformed logits, made in place where
+# the ops allow, HF's ops in HF's order; their derivative, a number where it is constant).
+
+
+def _softcap_with_slope(x: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    t = x.div_(c).tanh_()
+    slope = t.square().neg_().add_(1)  # 1 - tanh^2, kept to the end: the only second [n, V] tensor
+    return t.mul_(c), slope
+
+
+_SOFTCAP = ("final_logit_softcapping", lambda x, c: torch.tanh(x / c) * c, _softcap_with_slope)
+_DIVIDE = ("logits_scaling", lambda x, s: x / s, lambda x, s: (x / s, 1 / s))
+_MULTIPLY = ("logit_scale", lambda x, s: x * s, lambda x, s: (x * s, s))
 LOGIT_TRANSFORMS = {
     "gemma2": _SOFTCAP,
     "gemma3_text": _SOFTCAP,
@@ -79,7 +87,7 @@ class LMHead:
 
     module: nn.Module
     transform: Callable | None = None
-    derivative: Callable | None = None
+    with_slope: Callable | None = None
     value: float | None = None
     attr: str | None = None  # the config attribute ``value`` comes from
 
@@ -107,11 +115,11 @@ def lm_head(model: nn.Module) -> LMHead:
     """The model's LM head: its output embedding and its family's logit transform."""
     head = unwrap(model).get_output_embeddings()
     cfg = text_config(model)
-    attr, transform, derivative = LOGIT_TRANSFORMS.get(getattr(cfg, "model_type", None), (None, None, None))
+    attr, transform, with_slope = LOGIT_TRANSFORMS.get(getattr(cfg, "model_type", None), (None, None, None))
     value = getattr(cfg, attr, None) if attr else None
     if value is None:
         return LMHead(head)
-    return LMHead(head, transform, derivative, value, attr)
+    return LMHead(head, transform, with_slope, value, attr)
 
 
 # ---- what cannot be chunked exactly --------------------------------------------------------

@@ -57,19 +57,14 @@ def _block_ce_and_grad(head: LMHead, h, t, weight, bias, scale: float):
 
     One [n, V] float32 tensor at a time: the softmax is made in place in the logits
     (``torch.logsumexp`` would allocate a second one), and a 16-bit original is dropped
-    once upcast. Two with a logit transform: soft-capping keeps its slope 1 - tanh^2 for
-    the end, a constant scale makes a new tensor of the scaled logits (HF's rounding)."""
+    once upcast. Two with a logit transform (``LMHead.with_slope``): soft-capping keeps its
+    slope for the end, a constant scale makes a new tensor of the scaled logits."""
     z = F.linear(h, weight, bias)  # [n, V], as the module computes it (autocast applies)
     dtype = z.dtype
     z = _upcast(z)
     slope = None
-    if head.softcap is not None:  # c tanh(z / c), the ops HF runs, in place
-        z = z.div_(head.softcap).tanh_()
-        slope = z.square().neg_().add_(1)
-        z.mul_(head.softcap)
-    elif head.transform is not None:
-        slope = None if head.derivative is None else head.derivative(z, head.value)
-        z = head.transform(z, head.value)
+    if head.transform is not None:
+        z, slope = head.with_slope(z, head.value)
     keep = t != IGNORE_INDEX
     safe = t.masked_fill(~keep, 0).unsqueeze(1)
     picked = z.gather(1, safe).squeeze(1)
