@@ -230,10 +230,11 @@ def main(argv: list[str] | None = None) -> None:
 
     with ThreadPoolExecutor(args.jobs) as pool:
         folders = list(pool.map(work, jobs))
+    curves = [curve(folder) for folder in folders]  # one read of each run's metrics.jsonl
     results: dict = {}
-    for (task, method, _), folder in zip(jobs, folders):
-        results.setdefault(task, {}).setdefault(method, []).append(curve(folder))
-    rows = [{"task": t, "method": m, "seed": s, **p} for (t, m, s), f in zip(jobs, folders) for p in curve(f)]
+    for (task, method, _), points in zip(jobs, curves):
+        results.setdefault(task, {}).setdefault(method, []).append(points)
+    rows = [{"task": t, "method": m, "seed": s, **p} for (t, m, s), c in zip(jobs, curves) for p in c]
     if not rows:
         raise SystemExit(f"no run logged an evaluation: see the runs' metrics.jsonl under {args.out}")
     args.out.mkdir(parents=True, exist_ok=True)
