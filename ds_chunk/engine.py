@@ -156,7 +156,12 @@ def boundary_backward(engine, grads=None) -> None:
     reduces it once.
     """
     engine.set_gradient_accumulation_boundary(True)
-    engine.backward(engine(sync_zero=True, sync_grads=grads), scale_wrt_gas=False)
+    scalar = engine(sync_zero=True, sync_grads=grads)
+    # A new node, not the engine's output: DeepSpeed hooks each forward output to divide its
+    # gradient by gradient_accumulation_steps unless engine.backward's own hook ran first, and
+    # that hook sits on the tensor it is given, after the forward's (ZeRO-0 with GA > 1 got
+    # 1/GA of the gradient; ZeRO-1/2/3 hand the optimizer a scaled copy, a new node already).
+    engine.backward(scalar.clone(), scale_wrt_gas=False)
 
 
 class NonFiniteError(FloatingPointError):
@@ -389,6 +394,7 @@ def initialize(
     lr_scheduler=None,
     training_data=None,
     collate_fn=None,
+    dist_timeout: float | None = None,
     **kwargs,
 ):
     """Like ``deepspeed.initialize``, returning (ChunkwiseEngine, optimizer, dataloader, lr_scheduler).
@@ -396,7 +402,9 @@ def initialize(
     config: a DeepSpeed config (path or dict) with optional top-level ``chunkwise``
     and ``model`` blocks. Without ``model=``, the ``model`` block builds it (see
     ``ds_chunk.model``). model_parameters default to the trainable parameters. Under
-    plain ``python`` (no launcher) it runs as a one-process group.
+    plain ``python`` (no launcher) it runs as a one-process group. dist_timeout: seconds
+    a collective may wait before it fails (when this call starts the process group;
+    DeepSpeed's default: $DEEPSPEED_TIMEOUT minutes, 10).
     """
     import deepspeed
 
@@ -415,6 +423,10 @@ def initialize(
     if model_parameters is None:
         model_parameters = [p for p in module.parameters() if p.requires_grad]
     single_process_env()
+    if dist_timeout is not None and not torch.distributed.is_initialized():
+        from datetime import timedelta
+
+        deepspeed.init_distributed(timeout=timedelta(seconds=dist_timeout))
     with announce_op_builds():
         engine, optimizer, loader, lr_scheduler = deepspeed.initialize(
             model=module,

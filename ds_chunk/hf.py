@@ -31,6 +31,7 @@ from torch import nn
 from ds_chunk.adapter import UnsupportedModelError, check_supported, unwrap
 from ds_chunk.config import ChunkwiseConfig
 from ds_chunk.engine import boundary_backward, check_engine, chunk_modes
+from ds_chunk.neftune import row_noise
 from ds_chunk.scheduler import ChunkScheduler, LocalGrads
 
 logger = logging.getLogger("ds_chunk")
@@ -120,13 +121,6 @@ class _ChunkwiseMixin:
             )
         if args.n_gpu > 1:
             refuse(f"n_gpu = {args.n_gpu} (nn.DataParallel)", "launch one process per GPU (torchrun, accelerate)")
-        gc_kwargs = args.gradient_checkpointing_kwargs or {}
-        if args.gradient_checkpointing and gc_kwargs.get("use_reentrant"):
-            refuse(
-                "gradient_checkpointing_kwargs use_reentrant = True",
-                "the KV gradient carried between chunks "
-                "never reaches the parameters through reentrant checkpointing; use use_reentrant = False",
-            )
         pc = getattr(self.accelerator, "parallelism_config", None)
         if pc is not None and (getattr(pc, "sp_enabled", False) or getattr(pc, "cp_enabled", False)):
             refuse(
@@ -163,7 +157,8 @@ class _ChunkwiseMixin:
         driver = self._driver = self._driver or _driver_for(model, self.accelerator)
         sync = self.accelerator.sync_gradients  # the Trainer step's last micro-batch
         step = self.state.global_step * self.args.gradient_accumulation_steps + self._micro
-        with self.compute_loss_context_manager(), self.accelerator.autocast(), driver.modes():
+        noise = row_noise(unwrap(model), ids) if self.neftune_noise_alpha is not None else contextlib.nullcontext()
+        with self.compute_loss_context_manager(), self.accelerator.autocast(), driver.modes(), noise:
             result = self._scheduler.backward(
                 unwrap(model),
                 ids,
@@ -212,6 +207,18 @@ class _ChunkwiseMixin:
 
         count = int((prepare_labels(ids, labels, mask) != IGNORE_INDEX).sum())  # the micro-batch mean ...
         return float(count * self.current_gradient_accumulation_steps)  # ... divided by the accumulation steps
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """SpaCO's free loss is an estimate (sum of w_i * L_i over the replayed chunks, 0 when the
+        draw replayed no supervised chunk): logged as ``loss_est``, as launch/train.py does, not
+        as ``loss``; with ``sparse.report_loss = "off"`` no training loss is logged."""
+        kind = self.chunkwise.sparse.report_loss if self.chunkwise is not None and self.chunkwise.sparse else "exact"
+        if kind != "exact" and "loss" in logs:
+            logs = dict(logs)
+            loss = logs.pop("loss")
+            if kind == "estimate":
+                logs["loss_est"] = loss
+        super().log(logs, *args, **kwargs)
 
     # ---- evaluation ---------------------------------------------------------------------
 

@@ -145,9 +145,54 @@ class ModelConfig:
         return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be asked (offline mode, or no route to it within 5 s), or None:
+    transformers would otherwise retry for about a minute before its error."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # through a proxy: let the hub client try
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError as e:
+        return f"{url.hostname} cannot be reached ({e.strerror or e})"
+    return None
+
+
+def _check_source(name: str, what: str, file: str) -> None:
+    """A name that is neither a local folder nor loadable is one line, at once."""
+    if os.path.isdir(name):
+        return
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    head = name.split("/")[0]
+    local = name.startswith((".", "/", "~")) or (head != name and os.path.isdir(head))  # runs/x: a path
+    try:
+        cached = not local and isinstance(try_to_load_from_cache(name, file), str)
+    except HFValidationError:  # not a hub id either
+        local, cached = True, False
+    if local:
+        raise FileNotFoundError(f"{what} = {name!r}: no such folder")
+    why = None if cached else _hub_unreachable()
+    if why:
+        raise FileNotFoundError(f"{what} = {name!r}: not a local folder, not in the Hugging Face cache, and {why}")
+
+
 @contextlib.contextmanager
-def _not_found(name: str, what: str):
-    """transformers' OSError for a missing model (a long hub message) as one line."""
+def _not_found(name: str, what: str, file: str = "config.json"):
+    """transformers' errors for a missing model (a long hub message, or a minute of retries
+    offline) as one line."""
+    _check_source(name, what, file)
     try:
         yield
     except OSError as e:
@@ -161,8 +206,18 @@ def load_tokenizer(name_or_path: str):
     """The model's tokenizer (``AutoTokenizer``); a missing one is one clear error."""
     from transformers import AutoTokenizer
 
-    with _not_found(name_or_path, "--model / model.name_or_path"):
-        return AutoTokenizer.from_pretrained(name_or_path)
+    what = "--model / model.name_or_path"
+    if os.path.isdir(name_or_path) and not any(os.path.isfile(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{what} = {name_or_path!r}: the folder has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): "
+            "save the tokenizer there too (tokenizer.save_pretrained(folder))"
+        )
+    with _not_found(name_or_path, what, "tokenizer_config.json"):
+        try:
+            return AutoTokenizer.from_pretrained(name_or_path)
+        except ValueError as e:  # e.g. a slow tokenizer that needs sentencepiece: five lines
+            first = str(e).strip().splitlines()[0]
+            raise FileNotFoundError(f"{what} = {name_or_path!r}: its tokenizer does not load ({first})") from None
 
 
 def _load_kwargs(cfg: ModelConfig) -> dict:

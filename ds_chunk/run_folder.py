@@ -9,7 +9,9 @@ start over an earlier run, and the base model an adapter needs to be loadable.
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import shutil
 
 from ds_chunk import checkpoint
@@ -87,3 +89,65 @@ def save_base_model(model, model_block: dict, output_dir: str, rank: int) -> Non
         os.replace(tmp, path)
     for peft_config in model.peft_config.values():
         peft_config.base_model_name_or_path = path
+
+
+# ---- what a resume must keep -----------------------------------------------------------------
+
+
+def setup(cfg: dict) -> dict:
+    """What a checkpoint can only be resumed with, defaults filled in (``model.lora``: its
+    r, alpha and targets): the model block (what is loaded, dtype, quantization, LoRA shape;
+    the seed of a base built from a config), the ZeRO stage and bf16. Gradient checkpointing,
+    the attention kernel and LoRA dropout may change. Stored in each checkpoint's state.json."""
+    from dataclasses import asdict
+
+    from ds_chunk.model import ModelConfig
+
+    model = json.loads(json.dumps(asdict(ModelConfig.from_dict(cfg["model"]))))  # tuples as lists
+    for key in ("gradient_checkpointing", "attn_implementation", *(() if model["config"] else ("seed",))):
+        del model[key]  # how the step runs, or (seed of a loaded model) nothing the weights depend on
+    if model["lora"] is not None:
+        del model["lora"]["dropout"]
+    flat = {f"model.{k}": v for k, v in model.items()}
+    flat["zero_optimization.stage"] = cfg.get("zero_optimization", {}).get("stage", 0)
+    flat["bf16.enabled"] = bool(cfg.get("bf16", {}).get("enabled", False))
+    return flat
+
+
+def check_resume(step_dir: str, cfg: dict) -> None:
+    """Refuse, in one line, to resume ``step_dir`` with a setup it was not trained with."""
+    with open(os.path.join(step_dir, "state.json")) as f:
+        saved = json.load(f).get("setup")
+    if saved is None:  # written before checkpoints recorded their setup
+        return
+    now = setup(cfg)
+    differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if differ:
+        shown = "; ".join(f"{k} = {_show(saved, k)} there, {_show(now, k)} here" for k in differ)
+        raise ValueError(
+            f"{step_dir} was trained with another setup: {shown}. A resume keeps the model, its dtype, "
+            "quantization and LoRA shape, the ZeRO stage and bf16; the learning rate and schedule, chunk size, "
+            "SpaCO sampler, steps, evaluation and saving may change. Use the run's own flags, or a new --output-dir"
+        )
+
+
+def _show(d: dict, key: str) -> str:
+    return json.dumps(d[key]) if key in d else "absent"
+
+
+def resume_command(argv: list[str], single_process: bool) -> str:
+    """The command that continues a run started with ``argv``: its flags less an earlier
+    --resume / --resume-from and --overwrite-output-dir (that would start over), plus --resume."""
+    flags, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = a.split("=")[0]
+        if name in ("--resume", "--resume-from", "--overwrite-output-dir", "--local_rank"):
+            nxt = argv[i + 1] if i + 1 < len(argv) else ""
+            skip = "=" not in a and (name == "--resume-from" or (name == "--resume" and nxt in ("yes", "auto")))
+            continue
+        flags.append(shlex.quote(a))
+    launcher = "python" if single_process else "<the same launcher>"
+    return " ".join([launcher, "launch/train.py", *flags, "--resume"])

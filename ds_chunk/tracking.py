@@ -10,10 +10,60 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 import uuid
 
+import torch
+
 BAR_KEYS = ("loss", "loss_est", "tok/s", "peak_gb", "host_gb", "replayed", "skipped")  # loss_est: SpaCO's estimate
+
+
+# ---- one training step's record -----------------------------------------------------------
+
+
+def peak_memory_gb() -> dict:
+    """Peak device memory (CUDA; on CPU the process RSS) and peak host memory (process RSS:
+    with ZeRO offload the optimizer lives there, with kv_offload the KV cache)."""
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    device = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else host
+    return {"peak_gb": round(device, 3), "host_gb": round(host, 3)}
+
+
+def loss_key(engine) -> str | None:
+    """The record key of the step's loss: "loss" (exact), "loss_est" (SpaCO's unbiased
+    estimate, sum of w_i * L_i over the replayed chunks), None (SpaCO with report_loss off)."""
+    kinds = {r.loss_kind for r in engine.last_results}
+    return "loss_est" if "estimate" in kinds else None if kinds == {"off"} else "loss"
+
+
+def train_step(engine, batch: dict, step: int, world: int) -> dict:
+    """One ``engine.train_batch`` and its record: loss, lr, speed, memory, replayed chunks."""
+    t0 = time.perf_counter()
+    loss = engine.train_batch(batch).item()
+    tokens = int(batch["attention_mask"].sum()) * world
+    key = loss_key(engine)
+    return {
+        "step": step,
+        **({} if key is None else {key: loss}),
+        "lr": engine.get_lr()[0],
+        "tok/s": round(tokens / (time.perf_counter() - t0)),
+        "step_s": round(time.perf_counter() - t0, 4),  # wall seconds of the step (quality per second)
+        **peak_memory_gb(),
+        "replayed": sum(len(r.replayed) for r in engine.last_results),
+        "skipped": engine.skipped_steps,  # steps skipped for a non-finite loss or gradient, so far
+    } | kv_host(engine)
+
+
+def kv_host(engine) -> dict:
+    """With kv_offload: the most host memory a micro-batch's KV cache, its gradient and the
+    saved tensors took (part of host_gb)."""
+    if not engine.chunkwise.kv_offload:
+        return {}
+    return {"kv_host_gb": round(max(r.host_peak_bytes for r in engine.last_results) / 2**30, 3)}
+
+
+# ---- where records go ---------------------------------------------------------------------
 
 
 def tracker_names(report_to: list[str]) -> list[str]:

@@ -15,12 +15,9 @@ override parts of it. Each optimizer step runs every chunk's backward and then o
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import resource
 import sys
-import time
 import warnings
 
 import torch
@@ -28,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
 from ds_chunk import checkpoint, ops, run_folder  # noqa: E402
-from ds_chunk.config import OUR_BLOCKS, ChunkwiseConfig, ConfigError, warn_misspelled_blocks  # noqa: E402
+from ds_chunk.config import OUR_BLOCKS, ChunkwiseConfig, ConfigError  # noqa: E402
 from ds_chunk.data import (  # noqa: E402
     NoSupervisedTokens,
     PasskeyTask,
@@ -41,9 +38,11 @@ from ds_chunk.data import (  # noqa: E402
     load_records,
     split_records,
 )
+from ds_chunk.interrupt import Interrupted, StopOnSignal  # noqa: E402
+from ds_chunk.launch_config import load_config, world_size  # noqa: E402
 from ds_chunk.model import load_tokenizer  # noqa: E402
 from ds_chunk.run_folder import default_output_dir, method_name, resume_point, save_base_model  # noqa: E402
-from ds_chunk.tracking import RunLog, tracker_names  # noqa: E402
+from ds_chunk.tracking import RunLog, tracker_names, train_step  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ds_configs")
 # each built-in task's default DeepSpeed config (model, batch, lr schedule, chunk size),
@@ -53,6 +52,7 @@ TASKS = {
     "passkey": ("passkey_cpu.json", 512, 300),
     "stdlib": ("stdlib_bytes_cpu.json", 2048, 300),
 }
+MIN_EVAL_TOKENS = 100  # fewer supervised held-out tokens than this: the eval loss is said to be noise
 DEFAULT_STEPS = TASKS["recall"][2]  # --data runs without --max-steps / --epochs
 
 
@@ -126,13 +126,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     e.add_argument("--eval-batches", type=_number(int, 1), help="evaluate at most this many batches (default: all)")
     s = p.add_argument_group("output")
     s.add_argument("--output-dir", help="default: runs/<task or data>-<method>")
-    s.add_argument("--save-every", type=_number(int, 0), default=0, help="checkpoint every N steps (0: only the end)")
+    s.add_argument("--save-every", type=_number(int, 0), default=500,
+                   help="checkpoint every N steps (default 500; 0: only at the end and on a signal)")  # fmt: skip
     s.add_argument("--save-final", action=argparse.BooleanOptionalAction, default=True, help="checkpoint at the end")
-    s.add_argument("--save-total-limit", type=_number(int, 1), help="keep only the newest N checkpoints")
+    s.add_argument("--save-total-limit", type=_number(int, 0), default=3, help="keep the newest N checkpoints "
+                   "(default 3; 0: all)")  # fmt: skip
     s.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
                    help="continue from the newest checkpoint in --output-dir; 'auto': if there is one")  # fmt: skip
     s.add_argument("--resume-from", help="continue from this checkpoint (a step_N folder or a run's folder)")
     s.add_argument("--overwrite-output-dir", action="store_true", help="start over, deleting earlier checkpoints")
+    s.add_argument("--ddp-timeout", type=_number(float, 1.0), default=1800, help="seconds a rank waits in a "
+                   "collective before the run fails instead of hanging (default 1800, as HF)")  # fmt: skip
     s.add_argument("--report-to", nargs="+", default=["none"], help="trackers: tensorboard, wandb, ..., all, none")
     s.add_argument("--tensorboard", action="store_true", help="same as --report-to tensorboard")
     args = p.parse_args(argv)
@@ -148,110 +152,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.resume and args.resume_from:
         p.error("give --resume or --resume-from, not both")
     return args
-
-
-# ---- the DeepSpeed config, with the flags applied ---------------------------------------
-
-
-def load_config(args: argparse.Namespace, micro_batch: int | None = None) -> dict:
-    """The DeepSpeed config with CLI overrides applied and every "auto" resolved or rejected."""
-    if not os.path.isfile(args.deepspeed_config):
-        raise FileNotFoundError(f"DeepSpeed config not found: {args.deepspeed_config}")
-    with open(args.deepspeed_config) as f:
-        try:
-            cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{args.deepspeed_config}:{e.lineno}: not valid JSON ({e.msg})") from None
-    warn_misspelled_blocks(cfg, args.deepspeed_config)
-    chunk_flags = (args.chunk_size, args.sparse_rate, args.always_replay, args.sampler, args.truncate or None,
-                   args.kv_offload or None)  # fmt: skip
-    if "chunkwise" not in cfg and all(flag is None for flag in chunk_flags):
-        cfg["chunkwise"] = {"enabled": False}  # a plain DeepSpeed config trains unchunked, as the library does
-    cfg["chunkwise"] = chunkwise_block(args, cfg.get("chunkwise", {}))
-    ChunkwiseConfig.from_dict(cfg["chunkwise"])  # fail early, naming the key
-    optimizer = {"lr": args.lr, "weight_decay": args.weight_decay}
-    for key, value in optimizer.items():
-        if value is not None:
-            cfg.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})[key] = value
-    batch = {"train_micro_batch_size_per_gpu": args.micro_batch_size, "gradient_accumulation_steps":
-             args.gradient_accumulation_steps, "gradient_clipping": args.max_grad_norm}  # fmt: skip
-    cfg.update({key: value for key, value in batch.items() if value is not None})
-    if args.micro_batch_size or args.gradient_accumulation_steps:
-        cfg.pop("train_batch_size", None)  # derived again below, consistent with the new factors
-    if args.lr_scheduler:
-        cfg.pop("scheduler", None)  # the flag's schedule replaces it (see lr_schedule)
-    cfg["model"] = model_block(args, cfg.get("model"))
-    from ds_chunk.model import ModelConfig
-
-    ModelConfig.from_dict(cfg["model"])  # fail early, naming the key
-    return resolve_auto(cfg, micro_batch)
-
-
-def chunkwise_block(args: argparse.Namespace, block: dict) -> dict:
-    chunkwise = dict(block)
-    if args.chunk_size is not None:
-        chunkwise["chunk_size"] = args.chunk_size
-    if args.sparse_rate is not None:
-        chunkwise["sparse"] = {**chunkwise.get("sparse", {}), "rate": args.sparse_rate}
-        chunkwise["sparse"].pop("num_chunks", None)
-    for key, value in (("always_replay", args.always_replay), ("sampler", args.sampler)):
-        if value:
-            chunkwise["sparse"] = {**chunkwise.get("sparse", {}), key: value}
-    if args.truncate:
-        chunkwise["truncate"] = True
-    if args.kv_offload:
-        chunkwise["kv_offload"] = True
-    return chunkwise
-
-
-def model_block(args: argparse.Namespace, block: dict | None) -> dict:
-    block = dict(block or {})
-    if args.model:
-        block.pop("config", None)
-        block["name_or_path"] = args.model
-    if args.quant:
-        block.pop("quantization", None)
-        if args.quant != "none":
-            block["quantization"] = {"bits": int(args.quant[0])}
-    lora = dict(block.get("lora") or {})
-    for key, value in (("r", args.lora_r), ("alpha", args.lora_alpha), ("dropout", args.lora_dropout)):
-        if value is not None:
-            lora[key] = value
-    if args.lora_targets:
-        lora["target_modules"] = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
-    if lora and lora.get("r", 8) > 0:
-        block["lora"] = lora
-    else:
-        block.pop("lora", None)
-    block.setdefault("seed", args.seed)
-    return block
-
-
-def resolve_auto(cfg: dict, micro_batch: int | None) -> dict:
-    """Fill the "auto" values we can (batch sizes, clipping); reject the rest by name.
-
-    Plain DeepSpeed fills none, and accelerate fills the micro batch only from a
-    dataloader passed to prepare(), which we do not pass.
-    """
-    fill = {
-        "train_micro_batch_size_per_gpu": micro_batch or 1,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0,
-    }
-    for key, value in fill.items():
-        if cfg.get(key) == "auto":
-            cfg[key] = value
-    if cfg.get("train_batch_size", "auto") == "auto":
-        cfg["train_batch_size"] = cfg.get("train_micro_batch_size_per_gpu", 1) * cfg.get(
-            "gradient_accumulation_steps", 1
-        ) * world_size()  # fmt: skip
-    from ds_chunk.engine import load_ds_config
-
-    return load_ds_config(cfg)  # raises on any "auto" left, naming its key
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def lr_schedule(args: argparse.Namespace, cfg: dict, total_steps: int):
@@ -271,26 +171,29 @@ def lr_schedule(args: argparse.Namespace, cfg: dict, total_steps: int):
 # ---- model, engine, data -----------------------------------------------------------------
 
 
-def build_engine(cfg: dict, schedule=None):
-    """ds_chunk.initialize under the deepspeed launcher / plain python; accelerate.prepare under accelerate."""
+def build_engine(cfg: dict, schedule=None, timeout_s: float = 1800):
+    """ds_chunk.initialize under the deepspeed launcher / plain python; accelerate.prepare under
+    accelerate. A collective that waits longer than ``timeout_s`` fails instead of hanging."""
     import ds_chunk
     from ds_chunk.model import ModelConfig, build_model
 
     model = build_model(ModelConfig.from_dict(cfg["model"]))
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        return ds_chunk.initialize(model=model, config=cfg, lr_scheduler=schedule)[0]
-    return build_engine_accelerate(model, cfg, schedule)
+        return ds_chunk.initialize(model=model, config=cfg, lr_scheduler=schedule, dist_timeout=timeout_s)[0]
+    return build_engine_accelerate(model, cfg, schedule, timeout_s)
 
 
-def build_engine_accelerate(model, cfg: dict, schedule=None):
+def build_engine_accelerate(model, cfg: dict, schedule=None, timeout_s: float = 1800):
+    from datetime import timedelta
+
     from accelerate import Accelerator
-    from accelerate.utils import DummyOptim, DummyScheduler
+    from accelerate.utils import DummyOptim, DummyScheduler, InitProcessGroupKwargs
 
     from ds_chunk.engine import ChunkedLM, ChunkwiseEngine
     from ds_chunk.ops import announce_op_builds
 
     with announce_op_builds():
-        accelerator = Accelerator()
+        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))])
         plugin = accelerator.state.deepspeed_plugin
         plugin.deepspeed_config.clear()  # accelerate read the same file; use our resolved copy
         plugin.deepspeed_config.update({k: v for k, v in cfg.items() if k not in OUR_BLOCKS})
@@ -340,13 +243,18 @@ def build_data(args: argparse.Namespace, cfg: dict):
     if not eval_records:
         return train_set, None
     try:
-        return train_set, TokenizedDataset(eval_records, tokenizer, args.seq_len, eval_where)
+        held_set = TokenizedDataset(eval_records, tokenizer, args.seq_len, eval_where)
     except NoSupervisedTokens:
         if args.eval_data:
             raise
         msg = f"{args.data}: the held-out records have no supervised token within --seq-len {args.seq_len}"
         warnings.warn(msg + ": no evaluation (raise --eval-fraction, or pass --eval-data)", stacklevel=1)
         return train_set, None
+    tokens = sum(int((e["labels"][1:] != -100).sum()) for e in held_set.examples)  # what evaluation counts
+    if tokens < MIN_EVAL_TOKENS:
+        warnings.warn(f"the held-out set has {tokens} supervised tokens: its loss is mostly noise (pass "
+                      "--eval-data, or raise --eval-fraction)", stacklevel=1)  # fmt: skip
+    return train_set, held_set
 
 
 def total_steps(args: argparse.Namespace, cfg: dict, num_examples: int) -> int:
@@ -367,14 +275,6 @@ def total_steps(args: argparse.Namespace, cfg: dict, num_examples: int) -> int:
 # ---- the loop ----------------------------------------------------------------------------
 
 
-def peak_memory_gb() -> dict:
-    """Peak device memory (CUDA; on CPU the process RSS) and peak host memory (process RSS:
-    with ZeRO offload the optimizer lives there, with kv_offload the KV cache)."""
-    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    device = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else host
-    return {"peak_gb": round(device, 3), "host_gb": round(host, 3)}
-
-
 def run_eval(engine, data, args, chunk_size: int) -> dict:
     from ds_chunk.evaluate import evaluate
 
@@ -382,85 +282,74 @@ def run_eval(engine, data, args, chunk_size: int) -> dict:
     return evaluate(engine.hf_model, eval_batches(data, size, args.eval_batches), chunk_size)
 
 
-def train(args: argparse.Namespace, engine, train_data, eval_data, steps: int, resume: str | None, cfg: dict):
-    """The loop: one engine.train_batch per step; eval, checkpoint, log. Returns the records."""
+def begin(args: argparse.Namespace, engine, steps: int, resume: str | None, cfg: dict) -> tuple[int, RunLog]:
+    """Load the checkpoint to resume (or clear an earlier run's), save an adapter's base, open
+    the log: (the step to start after, the log)."""
     rank, world = engine.rank_and_world()
-    rows = engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps()
-    chunk = engine.chunkwise.chunk_size if engine.chunkwise.enabled else args.seq_len
-    ckpt_dir, start = os.path.join(args.output_dir, "checkpoints"), 0
+    start = 0
     if resume:
         start = checkpoint.load(engine, resume)["step"]
         if start >= steps:
             raise ValueError(f"{resume} is at step {start}, already at --max-steps {steps}: nothing to train")
     elif args.overwrite_output_dir:
         run_folder.clear(args.output_dir, rank)
-    saving = args.save_every > 0 or args.save_final
-    if saving:
-        save_base_model(engine.hf_model, cfg["model"], args.output_dir, rank)
+    save_base_model(engine.hf_model, cfg["model"], args.output_dir, rank)  # an adapter's base, once
     run = {"resumed_from": resume, "world_size": world, "args": vars(args), "ds_config": cfg}
-    log, history = RunLog(args.output_dir, steps, start, rank, run, tracker_names(args.report_to)), []
+    log = RunLog(args.output_dir, steps, start, rank, run, tracker_names(args.report_to))
+    rows, chunked = (
+        engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps() * world,
+        engine.chunkwise.enabled,
+    )
     log.message(
         f"ds_chunk: {method_name(engine.chunkwise)}"
-        + (f", chunk {chunk}" if engine.chunkwise.enabled else " (no chunkwise block: chunking off)")
-        + f"; {steps} steps of {rows * world} sequences of <= {args.seq_len} tokens; output {args.output_dir}"
+        + (f", chunk {engine.chunkwise.chunk_size}" if chunked else " (no chunkwise block: chunking off)")
+        + f"; {steps} steps of {rows} sequences of <= {args.seq_len} tokens; output {args.output_dir}"
         + (f"; resumed from {resume} at step {start}" if resume else "")
     )
+    return start, log
+
+
+def train(args: argparse.Namespace, engine, train_data, eval_data, steps: int, resume: str | None, cfg: dict):
+    """The loop: one engine.train_batch per step; eval, checkpoint, log. Returns the records.
+    On SIGINT / SIGTERM the step under way finishes, a checkpoint is written, Interrupted raised."""
+    rank, world = engine.rank_and_world()
+    rows = engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps()
+    chunk = engine.chunkwise.chunk_size if engine.chunkwise.enabled else args.seq_len
+    ckpt_dir = os.path.join(args.output_dir, "checkpoints")
+    start, log = begin(args, engine, steps, resume, cfg)
+    history = []
     loader = batches(train_data, rows * world, args.seed, start=start)  # the same global batch on every rank
+    saved = None  # (step, folder) of this run's newest checkpoint
 
     def save(step: int) -> None:
+        nonlocal saved
         if not engine.weights_finite():  # never a checkpoint from non-finite weights
             raise FloatingPointError(f"step {step}: the weights are not finite; not saving over {ckpt_dir}")
-        checkpoint.save(engine, ckpt_dir, step, {"step": step}, keep=args.save_total_limit)
+        state = {"step": step, "setup": run_folder.setup(cfg)}
+        saved = step, checkpoint.save(engine, ckpt_dir, step, state, keep=args.save_total_limit or None)
 
     try:
-        for step in range(start + 1, steps + 1):
-            batch = {k: v[rank * rows : (rank + 1) * rows] for k, v in next(loader).items()}
-            history.append(train_step(engine, batch, step, world))
-            log.log(history[-1], advance=True)
-            last = step == steps
-            if last and args.save_final or args.save_every and step % args.save_every == 0:
-                save(step)  # before the evaluation: nothing after training can lose it
-            if eval_data is not None and (step % args.eval_every == 0 or last):
-                metrics = run_eval(engine, eval_data, args, chunk)
-                history.append({"step": step} | {f"eval_{k}": v for k, v in metrics.items()})
-                log.log(history[-1])
-        if saving:
-            log.message(f"checkpoint: {checkpoint.latest(ckpt_dir)}")
+        with StopOnSignal() as stop:  # SIGINT / SIGTERM: the step finishes, a checkpoint, Interrupted
+            for step in range(start + 1, steps + 1):
+                batch = {k: v[rank * rows : (rank + 1) * rows] for k, v in next(loader).items()}
+                history.append(train_step(engine, batch, step, world))
+                log.log(history[-1], advance=True)
+                last = step == steps
+                if last and args.save_final or args.save_every and step % args.save_every == 0:
+                    save(step)  # before the evaluation: nothing after training can lose it
+                if eval_data is not None and (step % args.eval_every == 0 or last):
+                    metrics = run_eval(engine, eval_data, args, chunk)
+                    history.append({"step": step} | {f"eval_{k}": v for k, v in metrics.items()})
+                    log.log(history[-1])
+                if not last and stop.agreed(engine.device):
+                    if saved is None or saved[0] != step:
+                        save(step)
+                    raise Interrupted(stop.signum, step, saved[1])
+        if saved:
+            log.message(f"checkpoint: {saved[1]}")
     finally:
         log.close()  # before any error message, so it stays the last line
     return history
-
-
-def loss_key(engine) -> str | None:
-    """The record key of the step's loss: "loss" (exact), "loss_est" (SpaCO's unbiased
-    estimate, sum of w_i * L_i over the replayed chunks), None (SpaCO with report_loss off)."""
-    kinds = {r.loss_kind for r in engine.last_results}
-    return "loss_est" if "estimate" in kinds else None if kinds == {"off"} else "loss"
-
-
-def train_step(engine, batch: dict, step: int, world: int) -> dict:
-    t0 = time.perf_counter()
-    loss = engine.train_batch(batch).item()
-    tokens = int(batch["attention_mask"].sum()) * world
-    key = loss_key(engine)
-    return {
-        "step": step,
-        **({} if key is None else {key: loss}),
-        "lr": engine.get_lr()[0],
-        "tok/s": round(tokens / (time.perf_counter() - t0)),
-        "step_s": round(time.perf_counter() - t0, 4),  # wall seconds of the step (quality per second)
-        **peak_memory_gb(),
-        "replayed": sum(len(r.replayed) for r in engine.last_results),
-        "skipped": engine.skipped_steps,  # steps skipped for a non-finite loss or gradient, so far
-    } | kv_host(engine)
-
-
-def kv_host(engine) -> dict:
-    """With kv_offload: the most host memory a micro-batch's KV cache, its gradient and the
-    saved tensors took (part of host_gb)."""
-    if not engine.chunkwise.kv_offload:
-        return {}
-    return {"kv_host_gb": round(max(r.host_peak_bytes for r in engine.last_results) / 2**30, 3)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -471,6 +360,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.output_dir = args.output_dir or default_output_dir(args.data or args.task, chunkwise)
     # before any compute: a wrong --resume costs nothing
     resume = resume_point(args.output_dir, args.resume, args.resume_from, args.overwrite_output_dir)
+    if resume:
+        run_folder.check_resume(resume, cfg)
+    if chunkwise.enabled and chunkwise.chunk_size >= args.seq_len:
+        warnings.warn(f"chunk_size {chunkwise.chunk_size} >= --seq-len {args.seq_len}: one chunk per sequence, "
+                      "so this trains as plain backprop (lower --chunk-size to train chunk-wise)",
+                      stacklevel=1)  # fmt: skip
     train_data, eval_data = build_data(args, cfg)
     steps = total_steps(args, cfg, len(train_data))
     length = cfg.get("scheduler", {}).get("params", {}).get("total_num_steps")
@@ -478,7 +373,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         warnings.warn(f"{args.deepspeed_config}: scheduler.params.total_num_steps = {length}, but this run takes "
                       f"{steps} optimizer steps; the schedule is the config's (or pass --lr-scheduler)",
                       stacklevel=1)  # fmt: skip
-    engine = build_engine(cfg, lr_schedule(args, cfg, steps))
+    engine = build_engine(cfg, lr_schedule(args, cfg, steps), args.ddp_timeout)
     return train(args, engine, train_data, eval_data, steps, resume, cfg)
 
 
@@ -489,6 +384,11 @@ if __name__ == "__main__":
     try:
         main()
         ops.leave_together()
+    except Interrupted as stop:
+        print(f"ds_chunk: {stop}\nto continue: {run_folder.resume_command(sys.argv[1:], world_size() == 1)}",
+              file=sys.stderr)  # fmt: skip
+        ops.leave_together()
+        sys.exit(stop.exit_code)
     except (ValueError, ConfigError, FileNotFoundError, UnsupportedModelError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)  # one clear line, no traceback wall
         sys.exit(2)

@@ -48,6 +48,40 @@ def test_train_batch_matches_torch_adamw(stage, offload, gas):
     assert engine.global_steps == len(batches)
 
 
+def _own_step_config(stage: int, gas: int, sgd: bool) -> dict:
+    cfg = ds_config(stage, False, 2, gas)
+    if sgd:  # no momentum, no normalisation, no clipping: a scaled gradient shows in every weight
+        cfg["optimizer"] = {"type": "SGD", "params": {"lr": 0.1}}
+        cfg["zero_allow_untested_optimizer"] = True
+    else:
+        cfg["gradient_clipping"] = 0.5  # clipping reads the gradient's norm: it must be the reference's
+    return cfg
+
+
+@pytest.mark.parametrize("sgd", [True, False], ids=["sgd", "adamw-clip"])
+@pytest.mark.parametrize("gas", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_every_zero_stage_and_accumulation_matches_deepspeeds_own_step(stage, gas, sgd):
+    """train_batch against DeepSpeed's unchunked step: a full forward and engine.backward per
+    micro-batch, then engine.step(). ZeRO-0 with GA > 1 once got 1/GA of the gradient."""
+    import deepspeed
+
+    model = lora_model()
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, 97, (2 * gas, 40), generator=g) for _ in range(3)]  # equal rows: equal means
+    ref, *_ = ds_chunk.initialize(model=copy.deepcopy(model), config=_own_step_config(stage, gas, sgd))
+    for ids in batches:
+        for rows in ids.split(2):
+            ref.backward(ref(input_ids=rows, labels=rows).loss)
+            ref.step()
+    engine, *_ = ds_chunk.initialize(model=copy.deepcopy(model), config=_own_step_config(stage, gas, sgd))
+    for ids in batches:
+        engine.train_batch({"input_ids": ids})
+    assert engine.global_steps == ref.global_steps == len(batches)
+    with deepspeed.zero.GatheredParameters([*ref.module.parameters(), *engine.module.parameters()], enabled=stage == 3):
+        assert max_param_err(engine.hf_model, ref.hf_model) < 1e-6
+
+
 def test_bf16_matches_deepspeeds_own_unchunked_loop():
     """bf16: train_batch against the standard engine(...) / engine.backward / engine.step loop."""
     model, batches = lora_model(), _batches(3)

@@ -277,3 +277,33 @@ def test_readme_deepspeed_example_is_the_script_and_runs():
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 7: loss" in proc.stdout
+
+
+def test_model_without_tokenizer_and_a_typo_are_one_line_at_once(tmp_path, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    from ds_chunk.model import load_tokenizer
+
+    make_tiny_model.make_model(20, seed=0).save_pretrained(tmp_path / "weights_only")
+    with pytest.raises(FileNotFoundError, match="weights_only'.*the folder has no tokenizer files") as e:
+        load_tokenizer(str(tmp_path / "weights_only"))
+    assert "\n" not in str(e.value)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="'weights_olny/': no such folder"):
+        load_tokenizer("weights_olny/")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # offline without saying so: no minute of retries
+    t0 = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="'nobody/no-such-model-x1': not a local"):
+        load_tokenizer("nobody/no-such-model-x1")
+    assert time.perf_counter() - t0 < 15
+
+
+def test_a_tiny_held_out_set_is_said_once(tmp_path, tiny):
+    one = tmp_path / "two.jsonl"
+    one.write_text("".join(open(COLORS).readlines()[:9]))
+    with pytest.warns(UserWarning, match="the held-out set has [0-9]+ supervised tokens") as caught:
+        train.main([*SMALL, "--model", tiny, "--data", str(one), "--eval-fraction", "0.1", "--max-steps", "2",
+                    "--eval-every", "1", "--output-dir", str(tmp_path / "run")])  # fmt: skip
+    assert sum("held-out set" in str(w.message) for w in caught) == 1

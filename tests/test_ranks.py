@@ -138,3 +138,14 @@ def test_zero3_save_and_resume_continue_exactly(tmp_path):
     from safetensors.torch import load_file
 
     assert all(t.numel() > 0 for t in load_file(saved).values())  # whole weights, not ZeRO-3's empty partitions
+
+
+def test_a_rank_waiting_for_a_collective_that_never_comes_fails_with_a_timeout():
+    """ds_chunk.initialize(dist_timeout=3): rank 0 errors out of its step ~3 s after rank 1 went away."""
+    script = os.path.join(os.path.dirname(__file__), "scripts", "stalled_rank.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), script]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if "rank 0:" in line]
+    assert lines and "Error after" in lines[0], proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert float(lines[0].split(" after ")[1].split(" s")[0]) < 20

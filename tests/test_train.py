@@ -179,3 +179,68 @@ def test_launchers_run_the_default(tmp_path, launcher):
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert any("eval_sequence_accuracy" in r for r in records)
+
+
+def test_sigterm_saves_and_resume_finishes_as_an_uninterrupted_run(tmp_path):
+    """A preempted job: SIGTERM mid-run finishes the step, checkpoints it, says how to resume, exits
+    143. All three runs are processes of their own (the same threads: the same float sums)."""
+    import signal
+    import time
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
+
+    args = [*SMALL, "--max-steps", "30", "--save-every", "0", "--no-save-final"]
+    assert _cli(*args, "--output-dir", str(tmp_path / "a")).returncode == 0
+    out = tmp_path / "b"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.Popen([sys.executable, "launch/train.py", *args, "--output-dir", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(losses(out)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-3000:]
+    done = len(losses(out))
+    assert f"ds_chunk: stopped by SIGTERM after step {done}; checkpoint" in stderr
+    assert "to continue: python launch/train.py --seq-len 128" in stderr and stderr.rstrip().endswith("--resume")
+    assert 3 <= done < 30 and os.path.isfile(out / "checkpoints" / f"step_{done}" / "state.json")
+    assert _cli(*args, "--resume", "--output-dir", str(out)).returncode == 0
+    # as if never stopped: bitwise up to some steps after the resume, then ~1e-7 apart (a resume
+    # in a new process; one inside a process is bitwise: test_resume_continues_exactly)
+    assert losses(out) == pytest.approx(losses(tmp_path / "a"), rel=1e-6)
+
+
+def test_a_second_signal_exits_at_once():
+    code = (
+        "import os, signal, time\n"
+        "from ds_chunk.interrupt import StopOnSignal\n"
+        "with StopOnSignal() as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    print('asked', stop.received, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(30)\n"
+        "    print('still here')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout == f"asked {int(__import__('signal').SIGINT)}\n"
+    assert proc.returncode == -2  # killed by the default SIGINT action, not after the sleep
+
+
+def test_resume_with_another_setup_is_one_line_naming_what_differs(tmp_path):
+    out = str(tmp_path / "run")
+    train.main([*SMALL, "--max-steps", "2", "--output-dir", out])
+    said = r"step_2 was trained with another setup: model\.lora = null there, \{\"r\": 8, \"alpha\": 16, .*\} "
+    said += r"here\. A resume keeps .*the learning rate .* may change"
+    with pytest.raises(ValueError, match=said) as e:
+        train.main([*SMALL, "--max-steps", "4", "--lora-r", "8", "--resume", "--output-dir", out])
+    assert "\n" not in str(e.value)
+    changed = ["--lr", "0.003", "--chunk-size", "16", "--resume", "--output-dir", out]
+    rest = train.main([*SMALL, "--max-steps", "3", *changed])
+    assert [r["step"] for r in rest if "loss" in r] == [3]  # what may change, changes
+
+
+def test_one_chunk_per_sequence_is_said(tmp_path):
+    with pytest.warns(UserWarning, match="chunk_size 512 >= --seq-len 64: one chunk per sequence"):
+        train.main(["--seq-len", "64", "--chunk-size", "512", "--max-steps", "1", "--output-dir", str(tmp_path)])
