@@ -35,11 +35,13 @@ def chunk_sdpa(module: nn.Module, query, key, value, attention_mask, dropout=0.0
     extra = kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None
     if attention_mask is not None or extra or (window is not None and window < kv_len):
         raise RuntimeError(f"{NAME} computes plain causal attention only (mask, sinks, softcap or window given)")
+    kind = query.device.type
+    if torch.is_autocast_enabled(kind):  # as SDPA under autocast: all three in its dtype (fp32 q/k/v
+        # come from fp32 norms and RoPE: HF Trainer's autocast on fp32 weights, prepared k-bit models)
+        query, key, value = (t.to(torch.get_autocast_dtype(kind)) for t in (query, key, value))
     if not query.is_cuda:
         if dropout:
             raise RuntimeError(f"{NAME} on CPU computes attention without dropout only")
-        if torch.is_autocast_enabled("cpu"):  # as SDPA under autocast: all three in its dtype
-            query, key, value = (t.to(torch.get_autocast_dtype("cpu")) for t in (query, key, value))
         out = _PrefixAndDiagonal.apply(query, key, value, kv_len - q_len, scaling)
         return out.transpose(1, 2).contiguous(), None
     gqa = query.shape[1] != key.shape[1]
@@ -107,19 +109,26 @@ def _flash_supports(query, key, value, dropout: float) -> bool:
     return torch.backends.cuda.can_use_flash_attention(params, False)
 
 
+def compute_dtype(model: nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype attention computes in on ``device``: autocast's where it is on, else the
+    parameters' (the first floating one: 4-bit weights are uint8)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 def flash_eligible(model: nn.Module, device: torch.device) -> bool:
     """Whether flash attention takes this model's attention on ``device`` (probed on tiny tensors;
     on CPU: torch's CPU flash kernel, without attention dropout)."""
     cfg = model.config.get_text_config()
     if device.type == "cpu":
         dropout = float(getattr(cfg, "attention_dropout", 0.0) or 0.0) if model.training else 0.0
-        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        return dropout == 0.0 and dtype in (torch.float32, torch.bfloat16, torch.float64)
+        return dropout == 0.0 and compute_dtype(model, device) in (torch.float32, torch.bfloat16, torch.float64)
     if device.type != "cuda":
         return False
     heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # 4-bit weights are uint8
+    dtype = compute_dtype(model, device)
     # requires_grad: flash takes fewer shapes with grad; probing the replay's case keeps the
     # no-grad pass and the replay on the same kernel
     q = torch.zeros(1, heads, 8, head_dim, dtype=dtype, device=device, requires_grad=True)

@@ -346,6 +346,21 @@ def refuse_fp16(enabled: bool) -> None:
         raise ValueError('fp16.enabled = true is not supported by ds_chunk: use "bf16": {"enabled": true}')
 
 
+def refuse_float_quant_storage(module: nn.Module, bf16: bool) -> None:
+    """DeepSpeed's bf16 casts every floating parameter to bf16, so 4-bit weights packed into a
+    float32 / float16 storage are cast too: a shape error, or (float16) silently wrong outputs.
+    Only bf16 storage (or bitsandbytes' default uint8) survives it."""
+    if not bf16:
+        return
+    for name, p in module.named_parameters():
+        if type(p).__name__ == "Params4bit" and p.is_floating_point() and p.dtype != torch.bfloat16:
+            raise ValueError(
+                f"model.quantization.quant_storage = {str(p.dtype).removeprefix('torch.')} with bf16.enabled: "
+                f"DeepSpeed casts floating parameters to bf16, and would cast the packed 4-bit weights too ({name}); "
+                'use "quant_storage": "bfloat16", or leave it unset (uint8)'
+            )
+
+
 def load_ds_config(config: str | os.PathLike | dict) -> dict:
     """A DeepSpeed config dict from a path or dict; rejects the "auto" values nothing will fill."""
     if not isinstance(config, dict):
@@ -420,6 +435,7 @@ def initialize(
             raise ValueError('pass model= or give the config a top-level "model" block')
         model = build_model(ModelConfig.from_dict(ds_config["model"]))
     module = model if isinstance(model, ChunkedLM) else ChunkedLM(model)
+    refuse_float_quant_storage(module, ds_config.get("bf16", {}).get("enabled", False) is True)
     if model_parameters is None:
         model_parameters = [p for p in module.parameters() if p.requires_grad]
     single_process_env()

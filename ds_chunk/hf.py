@@ -30,7 +30,7 @@ from torch import nn
 
 from ds_chunk.adapter import UnsupportedModelError, check_supported, unwrap
 from ds_chunk.config import ChunkwiseConfig
-from ds_chunk.engine import boundary_backward, check_engine, chunk_modes
+from ds_chunk.engine import boundary_backward, check_engine, chunk_modes, refuse_float_quant_storage
 from ds_chunk.neftune import row_noise
 from ds_chunk.scheduler import ChunkScheduler, LocalGrads
 
@@ -121,6 +121,8 @@ class _ChunkwiseMixin:
             )
         if args.n_gpu > 1:
             refuse(f"n_gpu = {args.n_gpu} (nn.DataParallel)", "launch one process per GPU (torchrun, accelerate)")
+        if self.is_deepspeed_enabled and args.bf16:
+            refuse_float_quant_storage(self.model, True)
         pc = getattr(self.accelerator, "parallelism_config", None)
         if pc is not None and (getattr(pc, "sp_enabled", False) or getattr(pc, "cp_enabled", False)):
             refuse(

@@ -22,7 +22,7 @@ import math
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ds_chunk.offload import HostMemory, PrefixFetcher, to_host
+from ds_chunk.offload import HostMemory, PrefixFetcher, side_stream, to_host
 
 
 class KVStore:
@@ -35,7 +35,10 @@ class KVStore:
         self.memory = HostMemory()
         self.lengths: list[int] = []  # tokens per stored chunk
         self.copies = 0  # layer prefixes fetched from storage (kv_offload)
-        self._stream = None  # CUDA side stream of the prefetches, made on first use
+        # kv_offload: (leaf, host gradient, event or None) sent back by the fetched copies'
+        # backward, added into the leaves' .grad when read (flush)
+        self.pending: list[tuple] = []
+        self.stream = None  # CUDA: the side stream of the prefetches and of the gradients' way back
 
     @property
     def num_layers(self) -> int:
@@ -55,9 +58,9 @@ class KVStore:
 
     def fetcher(self, chunk: int, device: torch.device) -> PrefixFetcher:
         """The layer-by-layer fetcher of chunk's prefix from storage to ``device`` (kv_offload)."""
-        if device.type == "cuda" and self._stream is None:
-            self._stream = torch.cuda.Stream(device)
-        return PrefixFetcher(self, chunk, self._stream if device.type == "cuda" else None)
+        if device.type == "cuda":
+            self.stream = side_stream(device)
+        return PrefixFetcher(self, chunk, self.stream)
 
     def prefix(self, layer: int, chunk: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """m_0..m_{chunk-1} of ``layer``, where they are stored."""
@@ -68,9 +71,7 @@ class KVStore:
         for layer in range(self.num_layers):
             for c in chunks:
                 for leaf in (self.keys[layer][c], self.values[layer][c]):
-                    leaf.requires_grad_(True)
-                    if self.storage is not None:
-                        leaf.register_post_accumulate_grad_hook(self._count_grad)
+                    leaf.requires_grad_(True)  # kv_offload: their gradient comes back through flush
 
     def live_leaves(self) -> list[torch.Tensor]:
         """The leaves that collect gradient and are not freed yet (the replays' prefix)."""
@@ -79,21 +80,27 @@ class KVStore:
         ]
 
     def accumulate(self, leaf: torch.Tensor, grad: torch.Tensor) -> None:
-        """Add ``grad`` into ``leaf.grad`` as autograd would (for ``torch.autograd.grad`` callers)."""
+        """Add ``grad`` into ``leaf.grad`` as autograd would (``torch.autograd.grad`` callers, and
+        the gradients kv_offload's copies send back)."""
         if leaf.grad is None:
             leaf.grad = grad
-            if self.storage is not None:
-                self._count_grad(leaf)
+            if self.storage is not None:  # host memory a leaf's gradient takes, counted once
+                self.memory.track(grad)
         else:
             leaf.grad.add_(grad)
 
-    def _count_grad(self, leaf: torch.Tensor) -> None:
-        if not getattr(leaf.grad, "_ds_chunk_counted", False):  # a new .grad, not an accumulation
-            leaf.grad._ds_chunk_counted = True
-            self.memory.track(leaf.grad)
+    def flush(self) -> None:
+        """Add the gradients the fetched copies sent back (kv_offload) into their leaves, in the
+        order they came, each once its copy is done."""
+        for leaf, grad, event in self.pending:
+            if event is not None:
+                event.synchronize()
+            self.accumulate(leaf, grad)
+        self.pending.clear()
 
     def grad_norm(self, chunk: int) -> float:
         """The norm of the gradient collected so far on m_chunk, all layers' K and V (0: none)."""
+        self.flush()
         if chunk >= len(self.lengths):
             return 0.0
         squares = [t.grad.double().square().sum() for kv in (self.keys, self.values) for layer in kv
@@ -106,6 +113,7 @@ class KVStore:
         Called when chunk is replayed: every later chunk has already been replayed, so
         the gradient is complete, and no earlier chunk reads m_chunk.
         """
+        self.flush()
         grads = []
         if chunk >= len(self.lengths):  # never stored: the last replayed chunk
             return [None] * self.num_layers
@@ -134,6 +142,12 @@ class ChunkCache(Cache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """cat(m_0..m_{chunk-1}, new K/V) of this layer, on the new K/V's device."""
+        kind = key_states.device.type
+        if torch.is_autocast_enabled(kind):
+            # attention reads K/V in autocast's dtype anyway; fp32 ones (fp32 norms and RoPE
+            # under autocast) would take twice the memory in the cache, its gradient, and the cat
+            dtype = torch.get_autocast_dtype(kind)
+            key_states, value_states = key_states.to(dtype), value_states.to(dtype)
         if self.record:
             self.store.put(layer_idx, key_states, value_states)
         else:

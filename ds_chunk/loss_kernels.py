@@ -11,10 +11,15 @@ normaliser.
 ``chunkwise.loss_kernel`` picks one; absent, CUDA takes liger when installed, then cce,
 and every other device ds_chunk's own torch kernel (``"torch"``). A kernel runs only where
 it is exact: a plain ``nn.Linear`` head, no logit transform but soft-capping, 16/32-bit,
-and (cce) no head bias; elsewhere the default falls back to torch and an explicit choice
-is an error naming the key. Off CUDA, Liger's kernels run in Triton's interpreter when
-``TRITON_INTERPRET=1`` (how the tests compare them with ours on a CPU); CCE's own kernel
-is CUDA-only (its ``torch_compile`` implementation stands in for it in the tests).
+and (cce) no head bias, a 16-bit head weight (its kernel asserts fp16/bf16 in backward and
+ignores autocast; its weight gradient accumulates in that 16-bit dtype); elsewhere the
+default falls back to torch and an explicit choice is an error naming the key. Liger cuts
+each call into ceil(vocab / hidden) blocks of rows whatever the rows, reading the whole
+head once per block: by default it runs only where its blocks are no smaller than our
+sub-chunks (``loss_chunk_size``), so it never reads the head more often than ours would.
+Off CUDA, Liger's kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` (how the
+tests compare them with ours on a CPU); CCE's own kernel is CUDA-only (its
+``torch_compile`` implementation, which also takes float32, stands in for it in the tests).
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ def installed(kernel: str) -> bool:
 
 
 def _why_not(kernel: str, head: LMHead, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why ``kernel`` cannot compute this head's loss exactly here (None: it can)."""
+    """Why ``kernel`` cannot compute this head's loss exactly here (None: it can); ``dtype``:
+    the autocast dtype, else the head weight's."""
     if kernel == "torch":
         return None
     if not installed(kernel):
@@ -52,6 +58,11 @@ def _why_not(kernel: str, head: LMHead, device: torch.device, dtype: torch.dtype
         return f"it has no '{head.attr}' logit transform (only soft-capping)"
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"it computes in 16/32-bit, not {dtype}"
+    sixteen = (torch.bfloat16, torch.float16)
+    if kernel == "cce" and CCE_IMPL == "cce" and (dtype not in sixteen or head.linear[0].dtype not in sixteen):
+        return f"Cut Cross-Entropy's kernel takes bf16 / fp16 weights and hidden states, not {head.linear[0].dtype}" + (
+            f" under {dtype} autocast (its kernels ignore autocast)" if dtype in sixteen else ""
+        )
     if kernel == "cce" and head.linear[1] is not None:
         return "Cut Cross-Entropy takes no LM head bias"
     if kernel == "cce" and partitioned(head.module.parameters()):
@@ -59,15 +70,33 @@ def _why_not(kernel: str, head: LMHead, device: torch.device, dtype: torch.dtype
     return None
 
 
-def pick(requested: str | None, head: LMHead, device: torch.device, dtype: torch.dtype) -> str:
+def liger_blocks(head: LMHead) -> int:
+    """How many blocks Liger cuts each call into, whatever its rows: ceil(vocab / hidden)."""
+    weight = head.module.weight
+    vocab, hidden = getattr(weight, "ds_shape", weight.shape)  # ZeRO-3: the whole shape
+    return -(-vocab // hidden)
+
+
+def pick(
+    requested: str | None,
+    head: LMHead,
+    device: torch.device,
+    dtype: torch.dtype,
+    rows: int | None = None,
+    sub_chunk: int | None = None,
+) -> str:
     """The kernel for this model: ``requested`` (an error if it cannot run exactly here), or
-    by default liger, then cce, where they can, else torch."""
+    by default liger, then cce, where they can, else torch. ``rows`` (batch x chunk) and our
+    ``sub_chunk`` (None: the whole chunk): liger is passed over where its blocks would be
+    smaller than ours."""
     if requested is not None:
         why = _why_not(requested, head, device, dtype)
         if why:
             raise ValueError(f'chunkwise.loss_kernel = "{requested}" cannot be used: {why}; "torch" always can')
         return requested
-    return next(k for k in ("liger", "cce", "torch") if _why_not(k, head, device, dtype) is None)
+    few_rows = rows is not None and head.linear is not None and rows < liger_blocks(head) * min(sub_chunk or rows, rows)
+    kernels = ("cce", "torch") if few_rows else ("liger", "cce", "torch")
+    return next(k for k in kernels if _why_not(k, head, device, dtype) is None)
 
 
 def ce_sum(kernel: str, head: LMHead, hidden: torch.Tensor, target: torch.Tensor, weight, bias) -> torch.Tensor:
@@ -82,6 +111,8 @@ def ce_sum(kernel: str, head: LMHead, hidden: torch.Tensor, target: torch.Tensor
                                                 softcap=head.softcap, accum_dtype=torch.float32)  # fmt: skip
     from cut_cross_entropy import linear_cross_entropy
 
-    # filter_eps=None: exact, no gradient filtering
-    return linear_cross_entropy(h.contiguous(), weight, t, ignore_index=IGNORE_INDEX, softcap=head.softcap,
-                                reduction="sum", filter_eps=None, impl=CCE_IMPL)  # fmt: skip
+    # filter_eps=None: exact, no gradient filtering. Its kernel ignores autocast: the hidden
+    # states in the weight's 16-bit dtype, as autocast would give the head's matmul
+    h = h.to(weight.dtype).contiguous()
+    return linear_cross_entropy(h, weight, t, ignore_index=IGNORE_INDEX, softcap=head.softcap, reduction="sum",
+                                filter_eps=None, impl=CCE_IMPL)  # fmt: skip

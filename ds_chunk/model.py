@@ -235,23 +235,29 @@ def build_base(cfg: ModelConfig) -> nn.Module:
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg.config), **_load_kwargs(cfg))
 
 
+def _this_gpu() -> dict:
+    """bitsandbytes quantizes onto the current CUDA device: make it this rank's (LOCAL_RANK) and
+    place the weights there, or every rank's would land on GPU 0. Nothing off CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(rank)
+    return {"device_map": {"": rank}}
+
+
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Load (or build from config) the causal LM, quantize, prepare for k-bit training, add LoRA."""
     from transformers import AutoModelForCausalLM
 
     kwargs = _load_kwargs(cfg)
+    quant = {} if cfg.quantization is None else {"quantization_config": cfg.quantization.to_hf(), **_this_gpu()}
     if cfg.config is not None:
         model = build_base(cfg)
-        if cfg.quantization is not None:  # bitsandbytes quantizes on load: go through a checkpoint
+        if quant:  # bitsandbytes quantizes on load: go through a checkpoint
             with tempfile.TemporaryDirectory() as tmp:
                 model.save_pretrained(tmp)
-                model = AutoModelForCausalLM.from_pretrained(
-                    tmp, quantization_config=cfg.quantization.to_hf(), **kwargs
-                )
+                model = AutoModelForCausalLM.from_pretrained(tmp, **kwargs, **quant)
     else:
-        quant = {} if cfg.quantization is None else {"quantization_config": cfg.quantization.to_hf()}
-        if quant and torch.cuda.is_available():  # bitsandbytes would put every rank's weights on GPU 0
-            quant["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
         with _not_found(cfg.name_or_path, "model.name_or_path"):
             model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs, **quant)
     ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks ZeRO-2 and our replay

@@ -18,6 +18,7 @@ the counts mean what they mean on a GPU.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 
@@ -61,7 +62,52 @@ def to_host(t: torch.Tensor, host: torch.device) -> torch.Tensor:
     return out.copy_(t, non_blocking=t.is_cuda)
 
 
-def _span_to_host(t: torch.Tensor, host: torch.device) -> tuple[torch.Tensor, tuple | None]:
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The process's one copy stream on CUDA ``device``. Not one per step: torch hands streams
+    out round-robin from a pool of 32 and the caching allocator keeps freed blocks per
+    stream, so each step's prefetch buffers would stay cached on another stream."""
+    return _side_stream(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _side_stream(index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(torch.device("cuda", index))
+
+
+def copy_to_host(t: torch.Tensor, host: torch.device, stream) -> tuple[torch.Tensor, object | None]:
+    """A host copy of ``t`` and, from CUDA with a side ``stream``, the event that marks it done
+    (None: done already). The copy waits for the current stream's work, then runs on the side
+    stream into pinned memory, so compute goes on meanwhile; whoever reads it waits for the event."""
+    t = t.detach()
+    if stream is None or not t.is_cuda:
+        return to_host(t, host), None
+    out = torch.empty(t.shape, dtype=t.dtype, device=host, pin_memory=True)
+    stream.wait_stream(torch.cuda.current_stream(t.device))
+    with torch.cuda.stream(stream):
+        out.copy_(t, non_blocking=True)
+    t.record_stream(stream)  # its memory is not reused before the copy is done
+    event = torch.cuda.Event()
+    event.record(stream)
+    return out, event
+
+
+class ToDevice(torch.autograd.Function):
+    """A host leaf's copy on the device whose backward sends the gradient back without a
+    blocking copy to pageable memory: ``copy_to_host`` on the side stream, handed to the KV
+    store, which adds it into the leaf's ``.grad`` when the gradient is read (``flush``)."""
+
+    @staticmethod
+    def forward(ctx, leaf: torch.Tensor, device: torch.device, store, stream) -> torch.Tensor:
+        ctx.leaf, ctx.store, ctx.stream = leaf, store, stream
+        return to_device(leaf, device)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.store.pending.append((ctx.leaf, *copy_to_host(grad, ctx.leaf.device, ctx.stream)))
+        return None, None, None, None
+
+
+def _span_to_host(t: torch.Tensor, host: torch.device, stream=None) -> tuple[torch.Tensor, tuple | None, object]:
     """A host copy of the storage span ``t`` reads, and the (shape, stride) to view it again.
 
     A saved view keeps its layout: an expanded tensor (a mask broadcast over the heads,
@@ -70,12 +116,12 @@ def _span_to_host(t: torch.Tensor, host: torch.device) -> tuple[torch.Tensor, tu
     span, are copied as they are (geometry None).
     """
     if t.is_contiguous() or t.numel() == 0:
-        return to_host(t, host), None
+        return *copy_to_host(t, host, stream), None
     span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
     if span > 2 * t.numel():
-        return to_host(t, host), None
+        return *copy_to_host(t, host, stream), None
     flat = t.as_strided((span,), (1,))  # from t's storage offset
-    return to_host(flat, host), (tuple(t.shape), tuple(t.stride()))
+    return *copy_to_host(flat, host, stream), (tuple(t.shape), tuple(t.stride()))
 
 
 def _storage_ptr(t: torch.Tensor) -> int | None:
@@ -98,10 +144,11 @@ class SaveOnHost(torch.autograd.graph.saved_tensors_hooks):
     host on every replay, moving the model once per chunk for nothing. A tensor saved by
     several ops (a norm's output read by q, k and v; log-softmax's output, saved by it and
     by the NLL loss) is copied once while it is unchanged. And the bytes kept on the host
-    are counted in ``memory``.
+    are counted in ``memory``. And on CUDA the copies run on the side ``stream``, overlapping
+    compute; backward waits for each one's event before bringing it back.
     """
 
-    def __init__(self, model: nn.Module, host: torch.device, memory: HostMemory):
+    def __init__(self, model: nn.Module, host: torch.device, memory: HostMemory, stream=None):
         tensors = [*model.parameters(), *model.buffers()]
         weights = {_storage_ptr(t) for t in tensors if t.device.type != "meta"}
         copies: dict[int, tuple] = {}  # id(t) -> (weakref to t, its version, weakref to host copy, geometry)
@@ -112,17 +159,19 @@ class SaveOnHost(torch.autograd.graph.saved_tensors_hooks):
                 return t
             known = copies.get(id(t))
             if known is not None and known[0]() is t and known[1] == t._version and known[2]() is not None:
-                return t.device, known[2](), known[3]  # the same tensor, unchanged since it was copied
-            saved, geometry = _span_to_host(t, host)
+                return t.device, known[2](), *known[3:]  # the same tensor, unchanged since it was copied
+            saved, event, geometry = _span_to_host(t, host, stream)
             key = id(t)
             forget = lambda ref: copies.get(key, (None,))[0] is ref and copies.pop(key)  # noqa: E731
-            copies[key] = (weakref.ref(t, forget), t._version, weakref.ref(memory.track(saved)), geometry)
-            return t.device, saved, geometry
+            copies[key] = (weakref.ref(t, forget), t._version, weakref.ref(memory.track(saved)), event, geometry)
+            return t.device, saved, event, geometry
 
         def unpack(packed):
             if isinstance(packed, torch.Tensor):
                 return packed
-            device, saved, geometry = packed
+            device, saved, event, geometry = packed
+            if event is not None:  # the copy to the host ran on the side stream
+                torch.cuda.current_stream(device).wait_event(event)
             out = saved.to(device, non_blocking=True)
             return out if geometry is None else out.as_strided(*geometry)
 
@@ -159,12 +208,17 @@ class PrefixFetcher:
     def _copy(self, layer: int, device: torch.device, stream) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         self.store.copies += 1
         ks, vs = self.store.prefix(layer, self.chunk)
+        back = self.store.stream  # the gradients' way back (None off CUDA)
+
+        def fetch(t: torch.Tensor) -> torch.Tensor:  # a leaf that collects gradient: through ToDevice
+            return ToDevice.apply(t, device, self.store, back) if t.requires_grad else to_device(t, device)
+
         if stream is None:
-            return [to_device(t, device) for t in ks], [to_device(t, device) for t in vs]
+            return [fetch(t) for t in ks], [fetch(t) for t in vs]
         # the host leaves were written by copies queued on the compute stream
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):  # autograd runs these copies' backward on it too
-            return [to_device(t, device) for t in ks], [to_device(t, device) for t in vs]
+            return [fetch(t) for t in ks], [fetch(t) for t in vs]
 
     def _ready(self, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> tuple[list, list]:
         """Prefetched tensors, made safe to use on the compute stream."""

@@ -16,17 +16,19 @@ class RngTape:
     """
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        # the input's device, not the current one: a model on cuda:1 without set_device(1)
+        # draws its masks from cuda:1's generator
+        self.cuda = device if device.type == "cuda" else None
         self.states: dict[int, tuple] = {}
 
     def snapshot(self) -> tuple:
-        return torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None
+        return torch.get_rng_state(), None if self.cuda is None else torch.cuda.get_rng_state(self.cuda)
 
     def restore(self, state: tuple) -> None:
         cpu, cuda = state
         torch.set_rng_state(cpu)
-        if self.cuda:
-            torch.cuda.set_rng_state(cuda)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.cuda)
 
     def record(self, chunk: int) -> None:
         self.states[chunk] = self.snapshot()

@@ -37,7 +37,7 @@ from ds_chunk.chunking import IGNORE_INDEX, check_inputs, chunk_bounds, prepare_
 from ds_chunk.config import ChunkwiseConfig
 from ds_chunk.kv import ChunkCache, KVStore
 from ds_chunk.loss import auto_sub_chunk, chunk_loss
-from ds_chunk.offload import SaveOnHost
+from ds_chunk.offload import SaveOnHost, side_stream
 from ds_chunk.rng import RngTape
 from ds_chunk.sampling import ChunkSampler, FixedDraw, GradientDraw
 
@@ -253,7 +253,8 @@ class _ChunkRun:
         device = input_ids.device
         autocast = torch.is_autocast_enabled(device.type)
         dtype = torch.get_autocast_dtype(device.type) if autocast else self.lm_head.module.weight.dtype
-        self.kernel = loss_kernels.pick(config.loss_kernel, self.lm_head, device, dtype)
+        rows = input_ids.shape[0] * max(e - s for s, e in bounds)
+        self.kernel = loss_kernels.pick(config.loss_kernel, self.lm_head, device, dtype, rows, self.sub_chunk)
         self.skip_unsupervised = not identical  # identical schedules: every rank calls the LM head alike
         storage = torch.device("cpu") if config.kv_offload else None
         self.store = KVStore(text.num_hidden_layers, storage)
@@ -307,7 +308,9 @@ class _ChunkRun:
         joined prefix K/V that attention keeps) wait in host memory until backward."""
         if self.store.storage is None:
             return contextlib.nullcontext()
-        return SaveOnHost(self.model, self.store.storage, self.store.memory)
+        device = self.input_ids.device
+        stream = side_stream(device) if device.type == "cuda" else None
+        return SaveOnHost(self.model, self.store.storage, self.store.memory, stream)
 
     def replay(self, draw, backward_fn: BackwardFn, boundary: bool) -> tuple:
         """Reverse replay with autograd of the chunks the draw picks; returns chunk -> weight

@@ -23,8 +23,8 @@ def everything_installed(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
-def _head(bias=False, transform=None, zero3=False) -> LMHead:
-    module = nn.Linear(8, 11, bias=bias)
+def _head(bias=False, transform=None, zero3=False, dtype=torch.bfloat16) -> LMHead:
+    module = nn.Linear(8, 11, bias=bias, dtype=dtype)
     if zero3:
         module.weight.ds_id = 0  # how DeepSpeed tags a ZeRO-3 partitioned parameter
     if transform is None:

@@ -169,5 +169,7 @@ def test_host_leaf_gradients_flow_through_the_fetched_copies(monkeypatch):
     store.require_grad([0, 1])
     ks, vs = store.fetcher(2, CPU).fetch(0, CPU)
     (torch.cat(ks, -2).sum() * 2 + torch.cat(vs, -2).sum()).backward()
+    assert store.keys[0][0].grad is None and len(store.pending) == 4  # sent back, added when read
+    store.flush()
     assert len(copies) == 4 and store.keys[0][0].grad.eq(2).all() and store.values[0][1].grad.eq(1).all()
     assert store.memory.live == 4 * 2 * 4 * 8 * 4 * 2  # 4 leaves + their 4 grads, float32
