@@ -4,7 +4,8 @@
         for step in ...:
             train_step(...)
             if stop.agreed():      # every rank sees the same answer (one all-reduce)
-                save(step); break
+                save(step)
+                raise Interrupted(stop.signum, step, checkpoint)
 
 The first SIGINT / SIGTERM only asks: the step under way finishes, the loop saves a
 checkpoint and exits with 128 + the signal's number. A second signal ends the process at

@@ -107,8 +107,9 @@ class ToDevice(torch.autograd.Function):
         return None, None, None, None
 
 
-def _span_to_host(t: torch.Tensor, host: torch.device, stream=None) -> tuple[torch.Tensor, tuple | None, object]:
-    """A host copy of the storage span ``t`` reads, and the (shape, stride) to view it again.
+def _span_to_host(t: torch.Tensor, host: torch.device, stream=None) -> tuple[torch.Tensor, object, tuple | None]:
+    """A host copy of the storage span ``t`` reads, its event (``copy_to_host``), and the
+    (shape, stride) to view it again.
 
     A saved view keeps its layout: an expanded tensor (a mask broadcast over the heads,
     stride 0) is not materialised, and a kernel that saved a padded, sliced tensor gets its
@@ -137,21 +138,21 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class SaveOnHost(torch.autograd.graph.saved_tensors_hooks):
-    """``torch.autograd.graph.save_on_cpu`` for a chunk's replay, with three differences.
+    """``torch.autograd.graph.save_on_cpu`` for a chunk's replay, with four differences.
 
     Tensors that share storage with the model's parameters or buffers are kept as they
     are: ``save_on_cpu`` would copy every saved weight (the LM head, the norms) out to the
     host on every replay, moving the model once per chunk for nothing. A tensor saved by
     several ops (a norm's output read by q, k and v; log-softmax's output, saved by it and
-    by the NLL loss) is copied once while it is unchanged. And the bytes kept on the host
-    are counted in ``memory``. And on CUDA the copies run on the side ``stream``, overlapping
+    by the NLL loss) is copied once while it is unchanged. The bytes kept on the host are
+    counted in ``memory``. And on CUDA the copies run on the side ``stream``, overlapping
     compute; backward waits for each one's event before bringing it back.
     """
 
     def __init__(self, model: nn.Module, host: torch.device, memory: HostMemory, stream=None):
         tensors = [*model.parameters(), *model.buffers()]
         weights = {_storage_ptr(t) for t in tensors if t.device.type != "meta"}
-        copies: dict[int, tuple] = {}  # id(t) -> (weakref to t, its version, weakref to host copy, geometry)
+        copies: dict[int, tuple] = {}  # id(t) -> (weakref to t, its version, weakref to host copy, event, geometry)
 
         def pack(t: torch.Tensor):
             ptr = _storage_ptr(t)

@@ -1,5 +1,6 @@
-"""A training run's output folder: its default name, what a run continues from, a fresh
-start over an earlier run, and the base model an adapter needs to be loadable.
+"""A training run's output folder: its default name, what a run continues from (and what a
+resume must keep, and the command that resumes it), a fresh start over an earlier run, and
+the base model an adapter needs to be loadable.
 
     <output-dir>/metrics.jsonl        every run's records (ds_chunk.tracking)
     <output-dir>/checkpoints/step_N/  checkpoints (ds_chunk.checkpoint)
