@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ds_chunk.config import ConfigError, _bool, _check_keys, _choice, _int, _reject_auto
+from ds_chunk.known_models import resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -192,7 +193,7 @@ def _check_source(name: str, what: str, file: str) -> None:
 def _not_found(name: str, what: str, file: str = "config.json"):
     """transformers' errors for a missing model (a long hub message, or a minute of retries
     offline) as one line."""
-    _check_source(name, what, file)
+    _check_source(resolve(name), what, file)
     try:
         yield
     except OSError as e:
@@ -207,6 +208,7 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     what = "--model / model.name_or_path"
+    name_or_path = resolve(name_or_path)
     if os.path.isdir(name_or_path) and not any(os.path.isfile(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES):
         raise FileNotFoundError(
             f"{what} = {name_or_path!r}: the folder has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): "
@@ -259,7 +261,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
                 model = AutoModelForCausalLM.from_pretrained(tmp, **kwargs, **quant)
     else:
         with _not_found(cfg.name_or_path, "model.name_or_path"):
-            model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs, **quant)
+            model = AutoModelForCausalLM.from_pretrained(resolve(cfg.name_or_path), **kwargs, **quant)
     ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks ZeRO-2 and our replay
     if cfg.quantization is not None:
         from peft import prepare_model_for_kbit_training

@@ -374,7 +374,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       f"{steps} optimizer steps; the schedule is the config's (or pass --lr-scheduler)",
                       stacklevel=1)  # fmt: skip
     engine = build_engine(cfg, lr_schedule(args, cfg, steps), args.ddp_timeout)
-    return train(args, engine, train_data, eval_data, steps, resume, cfg)
+    history = train(args, engine, train_data, eval_data, steps, resume, cfg)
+    show_answers(engine, eval_data if args.data else None, cfg)
+    return history
+
+
+def show_answers(engine, eval_data, cfg: dict) -> None:
+    """After training on --data: the model's greedy answers to a few held-out prompts (rank 0;
+    not under ZeRO-3, whose generate would need every rank)."""
+    if eval_data is None or engine.zero3 or engine.rank_and_world()[0] != 0:
+        return
+    from ds_chunk.generate import held_out_answers
+
+    answers = held_out_answers(engine.hf_model, load_tokenizer(cfg["model"]["name_or_path"]), eval_data.examples)
+    for prompt, expected, got in answers:
+        print(f"held-out: ...{prompt!r} -> {got!r} (expected {expected!r})")
 
 
 if __name__ == "__main__":

@@ -307,3 +307,24 @@ def test_a_tiny_held_out_set_is_said_once(tmp_path, tiny):
         train.main([*SMALL, "--model", tiny, "--data", str(one), "--eval-fraction", "0.1", "--max-steps", "2",
                     "--eval-every", "1", "--output-dir", str(tmp_path / "run")])  # fmt: skip
     assert sum("held-out set" in str(w.message) for w in caught) == 1
+
+
+def test_answers_after_training_ask_a_checkpoint_and_merge_its_adapter(tmp_path, tiny, capsys):
+    """The run ends with greedy answers to held-out prompts; launch/generate.py asks a saved
+    adapter the same way and merges it into a plain model with the same logits."""
+    import generate
+    from transformers import AutoModelForCausalLM
+
+    from ds_chunk.generate import load_checkpoint
+
+    out = tmp_path / "run"
+    train.main([*SMALL, "--model", tiny, "--data", COLORS, "--lora-r", "4", "--max-steps", "2", "--eval-fraction",
+                "0.2", "--output-dir", str(out)])  # fmt: skip
+    assert capsys.readouterr().out.count("held-out: ...") == 3
+    answers = generate.main([str(out), "--prompt", "red", "--max-new-tokens", "4", "--merge", str(tmp_path / "merged")])
+    assert len(answers) == 1 and "> red" in capsys.readouterr().out
+    adapted, _ = load_checkpoint(str(out / "checkpoints" / "step_2"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    ids = torch.arange(1, 20)[None]
+    assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
+    assert not hasattr(merged, "peft_config") and os.path.isfile(tmp_path / "merged" / "tokenizer.json")

@@ -94,7 +94,9 @@ def _base_model(point: Point):
     elif point.model.endswith(".json"):
         config = AutoConfig.from_pretrained(point.model)
     else:
-        return AutoModelForCausalLM.from_pretrained(point.model, dtype=dtype)
+        from ds_chunk.known_models import resolve
+
+        return AutoModelForCausalLM.from_pretrained(resolve(point.model), dtype=dtype)
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
@@ -106,7 +108,9 @@ def _qlora_model(point: Point):
     dtype = _torch_dtype(point.dtype)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        source = point.model
+        from ds_chunk.known_models import resolve
+
+        source = None if point.model is None else resolve(point.model)
         if point.model is None or point.model.endswith(".json"):
             _base_model(point).save_pretrained(tmp)  # quantize our random-init model via a save
             source = tmp

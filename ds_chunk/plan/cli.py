@@ -21,7 +21,8 @@ from ds_chunk.plan.shape import DTYPE_BYTES, GIB, ModelShape, Setup
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ds_chunk.plan", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--config", help="config.json (file or folder), a name (llama-3-8b), or a hub id (needs the network)"
+        "--config",
+        help="config.json (file or folder), a name (llama-3-8b, smollm2-135m), or a hub id (needs the network)",
     )
     p.add_argument("--seq-len", type=int)
     p.add_argument("--gpu-mem-gb", type=float, help="device memory budget; with it, the chunk size is recommended")

@@ -97,7 +97,20 @@ LLAMA3_8B = dict(
     max_position_embeddings=1 << 20,
     rope_theta=500000.0,
 )
-NAMED_SHAPES = {"llama-3-8b": LLAMA3_8B}
+SMOLLM2_135M = dict(  # SmolLM2-135M-Instruct (ds_chunk.known_models: --model smollm2-135m)
+    model_type="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+)
+NAMED_SHAPES = {"llama-3-8b": LLAMA3_8B, "smollm2-135m": SMOLLM2_135M}
 
 
 def _load_config(source: str | Path) -> dict:
