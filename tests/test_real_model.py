@@ -11,6 +11,7 @@ error; T=384, chunk 96: 4.5e-15). The float64 tests run both sides with the norm
 
 import copy
 import os
+import sys
 
 import pytest
 import torch
@@ -20,19 +21,17 @@ from models import grads, max_rel_err
 from ds_chunk import ChunkScheduler
 from ds_chunk.known_models import resolve
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from real_model_equivalence import rmsnorm_in_float64, text_ids  # noqa: E402  (one helper for both)
+
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def norm64(monkeypatch):
+def norm64():
     """LlamaRMSNorm's formula in the input's dtype (transformers casts to float32 and back)."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    def forward(self, hidden_states):
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
-
-    monkeypatch.setattr(LlamaRMSNorm, "forward", forward)
+    with rmsnorm_in_float64():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +47,7 @@ def _load(path: str, dtype=torch.float64):
 
 def _text_ids(path: str, n: int) -> torch.Tensor:
     """n tokens of real text (this repository's README, through the model's tokenizer)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
-        ids = tok(f.read(), return_tensors="pt").input_ids[:, :n]
+    ids = text_ids(path, n)
     assert ids.shape[1] == n
     return ids
 
