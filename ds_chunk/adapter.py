@@ -235,14 +235,24 @@ def cache_under_checkpointing(model: nn.Module) -> Iterator[None]:
 
 def max_positions(model: nn.Module) -> int | None:
     """The longest sequence the model takes, or None: dynamic RoPE rescales past
-    ``max_position_embeddings``, which is what it is for."""
+    ``max_position_embeddings``, which is what it is for. A RoPE scaling ``factor`` (linear,
+    yarn, llama3, longrope) stretches the pretrained length by that factor (transformers'
+    docs: "a factor of x will enable the model to handle sequences of length x * original
+    maximum pre-trained length")."""
     cfg = text_config(model)
     rope = getattr(cfg, "rope_parameters", None) or {}
     per_layer_type = rope and all(isinstance(r, dict) for r in rope.values())  # Gemma 3: one per layer type
-    kinds = [r.get("rope_type") for r in rope.values()] if per_layer_type else [rope.get("rope_type")]
-    if any("dynamic" in str(kind) for kind in kinds):
+    ropes = list(rope.values()) if per_layer_type else [rope]
+    if any("dynamic" in str(r.get("rope_type")) for r in ropes):
         return None
-    return getattr(cfg, "max_position_embeddings", None)
+    longest = getattr(cfg, "max_position_embeddings", None)
+    if longest is None:
+        return None
+    for r in ropes:
+        if r.get("rope_type") not in (None, "default") and isinstance(r.get("factor"), (int, float)):
+            original = r.get("original_max_position_embeddings") or longest
+            longest = max(longest, int(original * r["factor"]))
+    return longest
 
 
 def _length_dependent_rope(module: nn.Module) -> list[str | None]:

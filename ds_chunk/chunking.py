@@ -40,7 +40,10 @@ def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, m
     if batch == 0 or seq_len == 0:
         raise ValueError(f"empty batch: input_ids has shape {tuple(input_ids.shape)}")
     if max_positions is not None and seq_len > max_positions:
-        raise ValueError(f"sequence of {seq_len} tokens exceeds the model's max_position_embeddings={max_positions}")
+        raise ValueError(
+            f"sequence of {seq_len} tokens exceeds the {max_positions} positions the model takes "
+            "(max_position_embeddings times any RoPE scaling factor; model.rope_scaling extends it)"
+        )
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(

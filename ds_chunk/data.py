@@ -81,6 +81,58 @@ class PasskeyTask:
         return {"input_ids": ids, "labels": labels}
 
 
+class TextPasskey:
+    """The passkey test in words, with a real model's tokenizer (the landmark-attention /
+    LongLoRA prompt): a filler sentence repeated, "The pass key is 72815. Remember it. 72815
+    is the pass key." at a random depth in the first ``needle_within`` of the sequence, and at
+    the end "What is the pass key? The pass key is 72815"; loss on the key's tokens only.
+
+    Under teacher forcing every key token's argmax is right exactly when greedy decoding
+    writes the whole key, so ``evaluate``'s ``sequence_accuracy`` is whole-key accuracy.
+    """
+
+    FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    QUESTION = "What is the pass key? The pass key is"
+
+    def __init__(self, num_examples: int, seq_len: int, tokenizer, seed: int = 0, digits: int = 5,
+                 needle_within: float = 0.8):  # fmt: skip
+        def ids(text: str) -> list[int]:
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        self.n, self.seq_len, self.seed, self.digits, self.within = num_examples, seq_len, seed, digits, needle_within
+        self.ids, self.decode = ids, tokenizer.decode
+        self.filler, self.question = ids(self.FILLER), ids(self.QUESTION)
+        longest = len(ids(self.needle("9" * digits))) + len(self.question) + len(ids(" " + "9" * digits))
+        if seq_len < longest + len(self.filler):
+            raise ValueError(f"the text passkey task needs seq_len >= {longest + len(self.filler)}, got {seq_len}")
+
+    @staticmethod
+    def needle(key: str) -> str:
+        return f"The pass key is {key}. Remember it. {key} is the pass key. "
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _blank(self, token: int) -> bool:
+        return not self.decode([token]).strip()
+
+    def __getitem__(self, i: int) -> Example:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        key = "".join(str(int(d)) for d in torch.randint(0, 10, (self.digits,), generator=g))
+        needle, answer = self.ids(self.needle(key)), self.ids(" " + key)
+        head = self.question
+        if len(answer) > 1 and self._blank(answer[0]):  # a tokenizer's lone-space token: not part of the key
+            head, answer = head + answer[:1], answer[1:]
+        room = self.seq_len - len(needle) - len(head) - len(answer)  # filler tokens in all
+        at = int(torch.randint(0, int(room * self.within) + 1, (1,), generator=g))  # the needle's depth
+        reps = -(-room // len(self.filler))
+        filler = (self.filler * reps)[:room]
+        ids = torch.tensor(filler[:at] + needle + filler[at:] + head + answer)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        labels[-len(answer) :] = ids[-len(answer) :]
+        return {"input_ids": ids, "labels": labels}
+
+
 class StdlibBytes:
     """Byte-level language modelling on real text nobody here wrote: the Python standard
     library's own ``*.py`` files (they ship with every Python), split into held-out and

@@ -243,7 +243,8 @@ class ChunkwiseEngine:
         if total == 0:
             raise ValueError("no supervised token in the step: every label is -100 (ignored)")
         self.last_results = []
-        self._micro_batches(ids, labels, mask, total / world, rank)
+        with self.autocast():
+            self._micro_batches(ids, labels, mask, total / world, rank)
         grads = None if self.zero3 else self.grads.take()
         finite = self._all_finite(grads or [])
         if self.zero3 or finite:
@@ -256,6 +257,14 @@ class ChunkwiseEngine:
                 self.engine.optimizer.zero_grad(set_to_none=True)  # drop the partitions' gradients
             self._skip()
         return self._all_reduce(loss_sum(self.last_results).to(self.engine.device)).cpu() / world
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """DeepSpeed's ``torch_autocast`` block as a context: its dtype on the engine's device where
+        it is enabled, else nothing. DeepSpeed applies it inside ``engine(...)``; chunk forwards under
+        ZeRO-0/1/2 run the module directly, so the whole step runs in it (evaluation too)."""
+        if not self.engine.torch_autocast_enabled():
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.engine.device).type, dtype=self.engine.torch_autocast_dtype())
 
     def _common_length(self, ids, labels, mask):
         """ZeRO-3: rows right-padded (mask 0, label -100) to the longest row of any rank, so every

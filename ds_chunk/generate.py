@@ -78,11 +78,19 @@ def load_checkpoint(step_dir: str, dtype: torch.dtype = torch.float32) -> tuple[
         path = os.path.join(step_dir, "model")
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), load_tokenizer(path)
     from peft import PeftModel
+    from transformers import AutoConfig
+
+    from ds_chunk.model import scaled
 
     with open(os.path.join(adapter, "adapter_config.json")) as f:
         base_path = resolve(json.load(f)["base_model_name_or_path"])
     tokenizer = load_tokenizer(base_path)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+    # the base as trained: with the run's model.rope_scaling (a context extension), which
+    # the adapter cannot carry; the checkpoint's state.json keeps it
+    with open(os.path.join(step_dir, "state.json")) as f:
+        rope = json.load(f).get("setup", {}).get("model.rope_scaling")
+    config = scaled(AutoConfig.from_pretrained(base_path), rope)
+    base = AutoModelForCausalLM.from_pretrained(base_path, config=config, dtype=dtype)
     return PeftModel.from_pretrained(base, adapter), tokenizer
 
 

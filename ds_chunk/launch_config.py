@@ -81,6 +81,10 @@ def model_block(args: argparse.Namespace, block: dict | None) -> dict:
         block["lora"] = lora
     else:
         block.pop("lora", None)
+    if getattr(args, "rope_scaling", False) is not False:  # --rope-scaling given (None: none)
+        block.pop("rope_scaling", None)
+        if args.rope_scaling:
+            block["rope_scaling"] = args.rope_scaling
     block.setdefault("seed", args.seed)
     return block
 

@@ -114,6 +114,7 @@ class ModelConfig:
     lora: LoraSettings | None = None
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
+    rope_scaling: dict | None = None  # e.g. {"rope_type": "linear", "factor": 4}: context extension
     seed: int = 0
 
     @classmethod
@@ -139,11 +140,32 @@ class ModelConfig:
                 b.get("attn_implementation", "sdpa"),
                 ("sdpa", "eager", "flash_attention_2"),
             ),
+            rope_scaling=_rope_scaling(f"{prefix}.rope_scaling", b.get("rope_scaling")),
             seed=_int(f"{prefix}.seed", b.get("seed", 0), 0),
         )
 
     def replace(self, **changes) -> ModelConfig:
         return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+
+
+ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
+
+
+def _rope_scaling(key: str, value: Any) -> dict | None:
+    """``model.rope_scaling``: transformers' ``rope_parameters`` to extend the context, merged
+    over the model's own (its rope_theta kept); "type" is accepted for "rope_type" as in
+    transformers 4 configs. Keys other than these two go to transformers, which checks them."""
+    if value is None:
+        return None
+    _reject_auto(key, value)
+    if not isinstance(value, dict):
+        raise ConfigError(key, value, 'an object such as {"rope_type": "linear", "factor": 4}')
+    rope = {("rope_type" if k == "type" else k): v for k, v in value.items()}
+    _choice(f"{key}.rope_type", rope.get("rope_type"), ROPE_TYPES)
+    factor = rope.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+        raise ConfigError(f"{key}.factor", factor, "a number >= 1")
+    return rope
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -226,6 +248,13 @@ def _load_kwargs(cfg: ModelConfig) -> dict:
     return {"dtype": DTYPES[cfg.dtype], "attn_implementation": cfg.attn_implementation}
 
 
+def scaled(config, rope: dict | None):
+    """``config`` with ``model.rope_scaling`` merged over its RoPE parameters (rope_theta kept)."""
+    if rope is not None:
+        config.rope_parameters = {**(getattr(config, "rope_parameters", None) or {}), **rope}
+    return config
+
+
 def build_base(cfg: ModelConfig) -> nn.Module:
     """The seeded, randomly initialised model of a ``config`` recipe, before quantization and
     LoRA: what ``build_model`` starts from (saved next to adapters so they can be loaded)."""
@@ -234,7 +263,8 @@ def build_base(cfg: ModelConfig) -> nn.Module:
     if cfg.config is None:
         raise ValueError("build_base is for models built from a config; this recipe loads name_or_path")
     torch.manual_seed(cfg.seed)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg.config), **_load_kwargs(cfg))
+    config = scaled(AutoConfig.for_model(**cfg.config), cfg.rope_scaling)
+    return AutoModelForCausalLM.from_config(config, **_load_kwargs(cfg))
 
 
 def _this_gpu() -> dict:
@@ -249,7 +279,7 @@ def _this_gpu() -> dict:
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Load (or build from config) the causal LM, quantize, prepare for k-bit training, add LoRA."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = _load_kwargs(cfg)
     quant = {} if cfg.quantization is None else {"quantization_config": cfg.quantization.to_hf(), **_this_gpu()}
@@ -261,7 +291,9 @@ def build_model(cfg: ModelConfig) -> nn.Module:
                 model = AutoModelForCausalLM.from_pretrained(tmp, **kwargs, **quant)
     else:
         with _not_found(cfg.name_or_path, "model.name_or_path"):
-            model = AutoModelForCausalLM.from_pretrained(resolve(cfg.name_or_path), **kwargs, **quant)
+            path = resolve(cfg.name_or_path)
+            config = scaled(AutoConfig.from_pretrained(path), cfg.rope_scaling)
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs, **quant)
     ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks ZeRO-2 and our replay
     if cfg.quantization is not None:
         from peft import prepare_model_for_kbit_training

@@ -31,6 +31,7 @@ from ds_chunk.data import (  # noqa: E402
     PasskeyTask,
     RecallTask,
     StdlibBytes,
+    TextPasskey,
     TokenizedDataset,
     batches,
     eval_batches,
@@ -51,7 +52,9 @@ TASKS = {
     "recall": ("recall_cpu.json", 1024, 250),
     "passkey": ("passkey_cpu.json", 512, 300),
     "stdlib": ("stdlib_bytes_cpu.json", 2048, 300),
+    "text-passkey": ("text_passkey_smollm2_cpu.json", 1024, 150),
 }
+TEXT_PASSKEY_HELD_OUT = 16  # held-out prompts of --task text-passkey
 MIN_EVAL_TOKENS = 100  # fewer supervised held-out tokens than this: the eval loss is said to be noise
 DEFAULT_STEPS = TASKS["recall"][2]  # --data runs without --max-steps / --epochs
 
@@ -74,6 +77,17 @@ def _number(kind, lo, hi=None, open_hi=False):
     return parse
 
 
+def _rope(text: str) -> dict | None:
+    """``--rope-scaling linear:4`` as model.rope_scaling; ``none``: off."""
+    if text == "none":
+        return None
+    kind, _, factor = text.partition(":")
+    try:
+        return {"rope_type": kind, "factor": float(factor)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: expected TYPE:FACTOR, e.g. linear:4, or none") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -90,13 +104,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     m.add_argument("--lora-alpha", type=_number(int, 1))
     m.add_argument("--lora-dropout", type=_number(float, 0.0, 1.0))
     m.add_argument("--lora-targets", help='comma-separated module names, or "all-linear"')
+    m.add_argument("--rope-scaling", type=_rope, metavar="TYPE:FACTOR", default=False,
+                   help="extend the context: model.rope_scaling (e.g. linear:4; none: as trained)")  # fmt: skip
     d = p.add_argument_group("data")
     d.add_argument("--data", help="JSONL file or hf:<dataset>[:split]; default: a synthetic task")
     d.add_argument("--eval-data", help="held-out JSONL / hf: source (default: --eval-fraction of --data)")
     d.add_argument("--eval-fraction", type=_number(float, 0.0, 1.0, open_hi=True), default=0.02,
                    help="records of --data held out for evaluation (at least 1; 0: none)")  # fmt: skip
     d.add_argument("--task", choices=list(TASKS), default="recall", help="built-in data (no --data): the "
-                   "synthetic recall or passkey task, or stdlib: bytes of Python's standard library")  # fmt: skip
+                   "synthetic recall or passkey task, stdlib: bytes of Python's standard library, or text-passkey: "
+                   "a pass key in words for a pretrained model (default SmolLM2-135M, RoPE x4)")  # fmt: skip
     d.add_argument("--seq-len", type=_number(int, 2), help="tokens per sequence (pack/truncate; default 1024, "
                    "passkey 512, stdlib 2048)")  # fmt: skip
     c = p.add_argument_group("chunking (overrides the config's chunkwise block)")
@@ -124,6 +141,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     e.add_argument("--eval-every", type=_number(int, 1), default=50)
     e.add_argument("--eval-batch-size", type=_number(int, 1), help="default: the micro batch size")
     e.add_argument("--eval-batches", type=_number(int, 1), help="evaluate at most this many batches (default: all)")
+    e.add_argument("--eval-only", action="store_true", help="evaluate the model (with --resume-from: that "
+                   "checkpoint) on the held-out set once, log it as the step's evaluation, and stop")  # fmt: skip
     s = p.add_argument_group("output")
     s.add_argument("--output-dir", help="default: runs/<task or data>-<method>")
     s.add_argument("--save-every", type=_number(int, 0), default=500,
@@ -215,6 +234,14 @@ def build_data(args: argparse.Namespace, cfg: dict):
     if args.data is None:
         if args.eval_data:
             raise ValueError("--eval-data needs --data (the synthetic tasks make their own held-out set)")
+        if args.task == "text-passkey":  # in words, with the model's own tokenizer
+            if "name_or_path" not in cfg["model"]:
+                raise ValueError("--task text-passkey needs a pretrained model's tokenizer: pass --model")
+            tokenizer = load_tokenizer(cfg["model"]["name_or_path"])
+            held = args.eval_batches * (args.eval_batch_size or 1) if args.eval_batches else TEXT_PASSKEY_HELD_OUT
+            return TextPasskey(100_000, args.seq_len, tokenizer, args.seed), TextPasskey(
+                held, args.seq_len, tokenizer, args.seed + 1
+            )
         vocab = cfg["model"].get("config", {}).get("vocab_size")
         if vocab is None:
             raise ValueError("the synthetic tasks need a model built from a config; pass --data for a real model")
@@ -279,7 +306,8 @@ def run_eval(engine, data, args, chunk_size: int) -> dict:
     from ds_chunk.evaluate import evaluate
 
     size = args.eval_batch_size or engine.train_micro_batch_size_per_gpu()
-    return evaluate(engine.hf_model, eval_batches(data, size, args.eval_batches), chunk_size)
+    with engine.autocast():
+        return evaluate(engine.hf_model, eval_batches(data, size, args.eval_batches), chunk_size)
 
 
 def begin(args: argparse.Namespace, engine, steps: int, resume: str | None, cfg: dict) -> tuple[int, RunLog]:
@@ -289,7 +317,7 @@ def begin(args: argparse.Namespace, engine, steps: int, resume: str | None, cfg:
     start = 0
     if resume:
         start = checkpoint.load(engine, resume)["step"]
-        if start >= steps:
+        if start >= steps and not args.eval_only:
             raise ValueError(f"{resume} is at step {start}, already at --max-steps {steps}: nothing to train")
     elif args.overwrite_output_dir:
         run_folder.clear(args.output_dir, rank)
@@ -303,7 +331,12 @@ def begin(args: argparse.Namespace, engine, steps: int, resume: str | None, cfg:
     log.message(
         f"ds_chunk: {method_name(engine.chunkwise)}"
         + (f", chunk {engine.chunkwise.chunk_size}" if chunked else " (no chunkwise block: chunking off)")
-        + f"; {steps} steps of {rows} sequences of <= {args.seq_len} tokens; output {args.output_dir}"
+        + (
+            f"; evaluation only, sequences of <= {args.seq_len} tokens"
+            if args.eval_only
+            else f"; {steps} steps of {rows} sequences of <= {args.seq_len} tokens"
+        )
+        + f"; output {args.output_dir}"
         + (f"; resumed from {resume} at step {start}" if resume else "")
     )
     return start, log
@@ -329,6 +362,13 @@ def train(args: argparse.Namespace, engine, train_data, eval_data, steps: int, r
         saved = step, checkpoint.save(engine, ckpt_dir, step, state, keep=args.save_total_limit or None)
 
     try:
+        if args.eval_only:
+            if eval_data is None:
+                raise ValueError("--eval-only: there is no held-out set (see --eval-data / --eval-fraction)")
+            metrics = run_eval(engine, eval_data, args, chunk)
+            history.append({"step": start} | {f"eval_{k}": v for k, v in metrics.items()})
+            log.log(history[-1])
+            return history
         with StopOnSignal() as stop:  # SIGINT / SIGTERM: the step finishes, a checkpoint, Interrupted
             for step in range(start + 1, steps + 1):
                 batch = {k: v[rank * rows : (rank + 1) * rows] for k, v in next(loader).items()}

@@ -79,3 +79,59 @@ def test_bad_values(block, key, allowed):
 def test_block_must_be_object():
     with pytest.raises(ConfigError, match="chunkwise = 5: expected a JSON object"):
         ChunkwiseConfig.from_ds_config({"chunkwise": 5})
+
+
+@pytest.mark.parametrize(
+    "value, key, allowed",
+    [
+        ("linear", "model.rope_scaling", "an object"),
+        ({"rope_type": "ntk", "factor": 4}, "model.rope_scaling.rope_type", "'linear', 'dynamic'"),
+        ({"type": "linear", "factor": 0.5}, "model.rope_scaling.factor", ">= 1"),
+        ({"rope_type": "linear"}, "model.rope_scaling.factor", ">= 1"),
+    ],
+)
+def test_bad_rope_scaling(value, key, allowed):
+    from ds_chunk.model import ModelConfig
+
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.from_dict({"name_or_path": "x", "rope_scaling": value})
+    assert info.value.key == key and allowed in str(info.value)
+
+
+def test_rope_scaling_merges_over_the_models_own():
+    """model.rope_scaling extends the context: "type" read as "rope_type", rope_theta kept."""
+    import torch
+
+    from ds_chunk.model import ModelConfig, build_model
+
+    config = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+              "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 5000.0}  # fmt: skip
+    block = {"config": config, "dtype": "float32", "rope_scaling": {"type": "linear", "factor": 4}}
+    scaled, plain = (build_model(ModelConfig.from_dict(b)) for b in (block, {**block, "rope_scaling": None}))
+    assert scaled.config.rope_parameters == {"rope_type": "linear", "factor": 4, "rope_theta": 5000.0}
+    ids = torch.arange(20).unsqueeze(0)
+    assert not torch.allclose(scaled(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic"])
+def test_seco_equals_full_backprop_under_rope_scaling(rope_type):
+    """float64, every weight trained: the chunked gradient of a context-extended model is full backprop's."""
+    import torch
+    from models import grads, max_rel_err, reference_loss
+
+    from ds_chunk import ChunkScheduler
+    from ds_chunk.model import ModelConfig, build_model
+
+    config = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 16}  # fmt: skip
+    rope = {"rope_type": rope_type, "factor": 4}
+    model = build_model(ModelConfig.from_dict({"config": config, "dtype": "float64", "rope_scaling": rope}))
+    ids = torch.randint(0, 32, (2, 48), generator=torch.Generator().manual_seed(0))  # 3x the trained length
+    reference_loss(model, ids).backward()
+    want = grads(model)
+    model.zero_grad()
+    ChunkScheduler({"chunk_size": 12}).backward(model, ids)
+    assert max_rel_err(grads(model), want) < 1e-12
+    if rope_type == "linear":  # 4 x 16 positions, not more
+        with pytest.raises(ValueError, match="sequence of 65 tokens exceeds the 64 positions the model takes"):
+            ChunkScheduler({"chunk_size": 12}).backward(model, torch.zeros(1, 65, dtype=torch.long))

@@ -82,18 +82,39 @@ def test_every_zero_stage_and_accumulation_matches_deepspeeds_own_step(stage, ga
         assert max_param_err(engine.hf_model, ref.hf_model) < 1e-6
 
 
-def test_bf16_matches_deepspeeds_own_unchunked_loop():
-    """bf16: train_batch against the standard engine(...) / engine.backward / engine.step loop."""
-    model, batches = lora_model(), _batches(3)
-    plain, *_ = ds_chunk.initialize(model=copy.deepcopy(model), config=ds_config(2, False, 4, bf16=True))
-    want = []
+def _deepspeeds_own_loop(model, cfg: dict, batches) -> list[float]:
+    """The standard engine(...) / engine.backward / engine.step loop, unchunked: its losses."""
+    plain, *_ = ds_chunk.initialize(model=copy.deepcopy(model), config=cfg)
+    losses = []
     for ids in batches:
         loss = plain(input_ids=ids, labels=ids).loss
         plain.backward(loss)
         plain.step()
-        want.append(loss.item())
+        losses.append(loss.item())
+    return losses
+
+
+def test_bf16_matches_deepspeeds_own_unchunked_loop():
+    """bf16: train_batch against DeepSpeed's own loop."""
+    model, batches = lora_model(), _batches(3)
+    want = _deepspeeds_own_loop(model, ds_config(2, False, 4, bf16=True), batches)
     engine, *_ = ds_chunk.initialize(model=copy.deepcopy(model), config=ds_config(2, False, 4, bf16=True))
     got = [engine.train_batch({"input_ids": ids}).item() for ids in batches]
+    assert got == pytest.approx(want, rel=1e-2)
+
+
+def test_torch_autocast_block_matches_deepspeeds_own_unchunked_loop():
+    """DeepSpeed's ``torch_autocast`` block (fp32 weights, bf16 matmuls): every chunk forward
+    runs under it, and train_batch follows DeepSpeed's own autocast loop to bf16 precision."""
+    model, batches = lora_model(), _batches(3)
+    cfg = {**ds_config(2, False, 4), "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+    want = _deepspeeds_own_loop(model, cfg, batches)
+    engine, *_ = ds_chunk.initialize(model=copy.deepcopy(model), config=cfg)
+    seen = set()
+    q = next(m for n, m in engine.hf_model.named_modules() if n.endswith("q_proj.base_layer"))
+    q.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    got = [engine.train_batch({"input_ids": ids}).item() for ids in batches]
+    assert seen == {torch.bfloat16}
     assert got == pytest.approx(want, rel=1e-2)
 
 

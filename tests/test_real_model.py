@@ -10,6 +10,8 @@ error; T=384, chunk 96: 4.5e-15). The float64 tests run both sides with the norm
 (``norm64``), the same formula, so any shape compares at float64 precision."""
 
 import copy
+import json
+import math
 import os
 import sys
 
@@ -179,3 +181,47 @@ def test_sft_trainer_step_on_real_chats_equals_sft_trainer(smol, tmp_path):
     s = dict(start.named_parameters())
     update = max(float((a[k] - b[k]).norm() / (a[k] - s[k]).norm()) for k in s if (a[k] - s[k]).norm() > 0)
     assert update < 5e-3
+
+
+def test_text_passkey_rows(smol):
+    """--task text-passkey: exact length, loss on the 5 key digits only, the needle in the
+    first 80% of the filler, the same key asked for at the end."""
+    from transformers import AutoTokenizer
+
+    from ds_chunk.data import TextPasskey
+
+    tok = AutoTokenizer.from_pretrained(smol)
+    task = TextPasskey(6, 300, tok, seed=0)
+    for i in range(len(task)):
+        ids, labels = task[i]["input_ids"], task[i]["labels"]
+        supervised = (labels != -100).nonzero().flatten().tolist()
+        assert len(ids) == 300 and supervised == list(range(300 - len(supervised), 300))
+        key = tok.decode(ids[supervised])
+        assert key.isdigit() and len(key) == 5
+        text = tok.decode(ids)
+        assert text.endswith(f"What is the pass key? The pass key is {key}") and text.count(key) == 3
+        assert text.index(f"The pass key is {key}") < 0.8 * len(text)
+    assert tok.decode(task[0]["input_ids"]) == tok.decode(TextPasskey(6, 300, tok, seed=0)[0]["input_ids"])
+
+
+def test_text_passkey_run_with_rope_scaling(smol, tmp_path, monkeypatch):
+    """launch/train.py --task text-passkey: the model block's RoPE x4 reaches the model, one
+    SeCO step and an evaluation of whole-key accuracy run; the saved adapter loads onto the
+    base as trained (RoPE x4, which the adapter itself cannot carry)."""
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", "29541")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch"))
+    import train
+
+    history = train.main(["--task", "text-passkey", "--seq-len", "192", "--chunk-size", "64", "--max-steps", "1",
+                          "--eval-batches", "2", "--output-dir", str(tmp_path)])  # fmt: skip
+    run = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert run["ds_config"]["model"]["rope_scaling"] == {"rope_type": "linear", "factor": 4}
+    step, evaluation = history
+    assert step["replayed"] == 3 and math.isfinite(step["loss"])
+    assert evaluation["eval_tokens"] == 10 and 0 <= evaluation["eval_sequence_accuracy"] <= 1
+    from ds_chunk.generate import load_checkpoint
+
+    model, _ = load_checkpoint(str(tmp_path / "checkpoints" / "step_1"))
+    assert model.config.rope_parameters == {"rope_type": "linear", "factor": 4, "rope_theta": 100000.0}

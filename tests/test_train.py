@@ -78,6 +78,18 @@ def test_a_config_schedule_of_another_length_is_said(tmp_path):
         train.main(args)
 
 
+def test_eval_only_of_a_checkpoint_equals_the_runs_own_evaluation(tmp_path):
+    """--eval-only logs one evaluation and trains nothing; of a checkpoint, the run's own numbers."""
+    run = train.main([*SMALL, "--max-steps", "3", "--eval-every", "3", "--output-dir", str(tmp_path / "a")])
+    want = next(r for r in run if "eval_loss" in r)
+    base = train.main([*SMALL, "--eval-only", "--output-dir", str(tmp_path / "b")])
+    assert [sorted(r) for r in base] == [sorted(want)] and base[0]["step"] == 0
+    assert base[0]["eval_loss"] != want["eval_loss"]  # the untrained model
+    ckpt = tmp_path / "a" / "checkpoints" / "step_3"
+    again = train.main([*SMALL, "--eval-only", "--resume-from", str(ckpt), "--output-dir", str(tmp_path / "c")])
+    assert again == [want]
+
+
 def test_always_replay_flag_sets_the_sparse_block():
     cfg = train.load_config(train.parse_args(["--sparse-rate", "0.25", "--always-replay", "supervised"]))
     assert cfg["chunkwise"]["sparse"] == {"rate": 0.25, "always_replay": "supervised"}
@@ -114,7 +126,11 @@ def _cli(*args, launcher=(), timeout=600):
         (["--data", "missing.jsonl"], "error: data file not found: missing.jsonl"),
         (["--deepspeed_config", "nope.json"], "error: DeepSpeed config not found: nope.json"),
         (["--chunk-size", "0"], "error: chunkwise.chunk_size = 0: expected an integer >= 1"),
-        (["--seq-len", "10000"], "error: sequence of 10000 tokens exceeds the model's max_position_embeddings=8192"),
+        (
+            ["--seq-len", "10000"],
+            "error: sequence of 10000 tokens exceeds the 8192 positions the model takes (max_position_embeddings "
+            "times any RoPE scaling factor; model.rope_scaling extends it)",
+        ),
     ],
 )
 def test_errors_are_one_line(args, message):

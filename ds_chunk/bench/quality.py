@@ -14,7 +14,14 @@ standard library's sources (``stdlib``) is judged by held-out loss instead: at S
 number of steps and at SeCO's training seconds.
 
 Methods: ``seco``, ``truncate``, ``<sampler>@<rate>[+sup]`` with sampler ``spaco``
-(bernoulli), ``gradient`` or ``paper``, and ``+sup`` for ``always_replay: "supervised"``.
+(bernoulli), ``gradient`` or ``paper``, and ``+sup`` for ``always_replay: "supervised"``;
+``base``: the untouched model, evaluated once (``--eval-only``).
+
+``text-passkey`` is the real pretrained model (SmolLM2-135M, RoPE x4, see README):
+
+    python -m ds_chunk.bench.quality --tasks text-passkey --methods base seco truncate gradient@0.5+sup
+
+Its runs keep their final weights, evaluated again at a longer length (``BEYOND``).
 """
 
 from __future__ import annotations
@@ -34,50 +41,89 @@ from pathlib import Path
 
 TRAIN = Path(__file__).resolve().parents[2] / "launch" / "train.py"  # in a checkout of ds_chunk
 METHODS = ["seco", "truncate", "spaco@0.5", "spaco@0.5+sup", "spaco@0.25+sup", "gradient@0.5+sup", "gradient@0.25+sup"]
-# per task: optimizer steps of seco / truncate, of the SpaCO methods (more: they are cheaper), eval interval
-SCHEDULE = {"recall": (250, 400, 25), "passkey": (300, 450, 25), "stdlib": (300, 480, 60)}
+# per task: optimizer steps of seco, of truncate, of the SpaCO methods (more: they are cheaper), eval interval
+SCHEDULE = {"recall": (250, 250, 400, 25), "passkey": (300, 300, 450, 25), "stdlib": (300, 300, 480, 60),
+            "text-passkey": (150, 120, 90, 20)}  # fmt: skip
+# tasks whose final weights are evaluated again at a longer length (one length beyond
+# training), on this many held-out prompts: {task: tokens}
+BEYOND, BEYOND_PROMPTS = {"text-passkey": 2048}, 8
 SAMPLERS = {"spaco": "bernoulli", "gradient": "gradient", "paper": "paper"}
 
 
 def method_flags(method: str) -> list[str]:
     """The launch/train.py flags of a method name (see the module docstring)."""
-    if method in ("seco", "truncate"):
-        return [] if method == "seco" else ["--truncate"]
+    if method in ("seco", "truncate", "base"):
+        return {"seco": [], "truncate": ["--truncate"], "base": ["--eval-only"]}[method]
     m = re.fullmatch(r"(spaco|gradient|paper)@([0-9.]+)(\+sup)?", method)
     if m is None or not 0 < float(m.group(2)) <= 1:
-        raise argparse.ArgumentTypeError(f"{method}: expected seco, truncate or <spaco|gradient|paper>@<rate>[+sup]")
+        raise argparse.ArgumentTypeError(
+            f"{method}: expected seco, truncate, base or <spaco|gradient|paper>@<rate>[+sup]"
+        )
     flags = ["--sparse-rate", m.group(2), "--sampler", SAMPLERS[m.group(1)]]
     return flags + (["--always-replay", "supervised"] if m.group(3) else [])
 
 
 def schedule(task: str, method: str, args: argparse.Namespace) -> tuple[int, int]:
     """(optimizer steps, eval interval) of a run: the task's, or the command line's."""
-    steps, sparse_steps, every = SCHEDULE[task]
-    dense = method in ("seco", "truncate")
-    steps = (args.steps or steps) if dense else (args.sparse_steps or sparse_steps)
+    seco, truncate, sparse, every = SCHEDULE[task]
+    if method == "base":  # the untouched model: one evaluation, no training
+        return 0, every
+    if method in ("seco", "truncate"):
+        steps = args.steps or (seco if method == "seco" else truncate)
+    else:
+        steps = args.sparse_steps or sparse
     return steps, args.eval_every or every
 
 
-def run(task: str, method: str, seed: int, args: argparse.Namespace, cpu: int | None) -> Path:
-    """One training run (skipped if its folder already holds a finished run); its folder."""
-    steps, every = schedule(task, method, args)
-    out = args.out / task / method / f"seed{seed}"
-    metrics = out / "metrics.jsonl"
-    if metrics.exists() and any(json.loads(line).get("step") == steps for line in metrics.read_text().splitlines()):
-        return out
-    metrics.unlink(missing_ok=True)  # an unfinished earlier run: start over
-    cmd = [sys.executable, str(TRAIN), "--task", task, "--seed", str(seed), "--max-steps", str(steps),
-           "--eval-every", str(every), "--output-dir", str(out), "--overwrite-output-dir",
-           "--no-save-final", *method_flags(method)]  # fmt: skip
+def _finished(folder: Path, step: int) -> bool:
+    metrics = folder / "metrics.jsonl"
+    return metrics.exists() and any(json.loads(x).get("step") == step for x in metrics.read_text().splitlines())
+
+
+def _saved_steps(folder: Path) -> int:
+    """The step of the newest checkpoint a run folder holds (0: none)."""
+    return max((int(p.name[5:]) for p in (folder / "checkpoints").glob("step_*")), default=0)
+
+
+def _train_py(flags: list[str], out: Path, cpu: int | None, what: str, resume: bool = False) -> None:
+    """One launch/train.py process, one thread (pinned to ``cpu``), its output in out/train.log;
+    ``resume``: continuing the run in ``out`` (its metrics kept), else starting over."""
+    cmd = [sys.executable, str(TRAIN), *flags, "--output-dir", str(out)]
+    cmd += ["--resume"] if resume else ["--overwrite-output-dir"]
     if cpu is not None:
         cmd = ["taskset", "-c", str(cpu), *cmd]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "train.log", "w") as log:
+    if not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)  # an unfinished earlier run: start over
+    with open(out / "train.log", "a" if resume else "w") as log:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"{task} {method} seed {seed} failed (exit {done.returncode}): see {out / 'train.log'}")
-    print(f"done: {task} {method} seed {seed}", flush=True)
+        raise RuntimeError(f"{what} failed (exit {done.returncode}): see {out / 'train.log'}")
+    print(f"done: {what}", flush=True)
+
+
+def _folder(task: str, method: str, seed: int, args: argparse.Namespace) -> Path:
+    return args.out / task / method / f"seed{seed}"
+
+
+def run(task: str, method: str, seed: int, args: argparse.Namespace, cpu: int | None) -> Path:
+    """One training run (skipped if its folder already holds a finished run), then for the
+    tasks in BEYOND an evaluation of its final weights at the longer length; its folder."""
+    steps, every = schedule(task, method, args)
+    out, beyond = _folder(task, method, seed, args), BEYOND.get(task)
+    flags = ["--task", task, "--seed", str(seed), *method_flags(method)]
+    if not _finished(out, steps):
+        length = ["--max-steps", str(steps)] if steps else []  # base: no training
+        save = [] if beyond and steps else ["--no-save-final"]  # the longer evaluation reads the final weights
+        # a shorter finished run of the same schedule (constant lr after warm-up) continues exactly
+        resume = 0 < _saved_steps(out) < steps
+        cmd = [*flags, *length, "--eval-every", str(every), *save]
+        _train_py(cmd, out, cpu, f"{task} {method} seed {seed}", resume)
+    if beyond and not _finished(out / f"eval{beyond}", steps):
+        weights = ["--resume-from", str(out)] if steps else []  # base: the untouched model
+        longer = ["--eval-only", *weights, "--seq-len", str(beyond), "--eval-batches", str(BEYOND_PROMPTS)]
+        _train_py([*flags, *longer], out / f"eval{beyond}", cpu, f"{task} {method} seed {seed} at {beyond} tokens")
     return out
 
 
@@ -92,6 +138,16 @@ def curve(folder: Path) -> list[dict]:
                            "accuracy": record["eval_sequence_accuracy"],
                            "token_accuracy": record["eval_token_accuracy"]})  # fmt: skip
     return points
+
+
+def longer(folder: Path) -> float | None:
+    """Sequence accuracy of the run's final weights at the task's longer length (BEYOND), if evaluated."""
+    task = folder.parent.parent.name
+    metrics = folder / f"eval{BEYOND.get(task)}" / "metrics.jsonl"
+    if task not in BEYOND or not metrics.exists():
+        return None
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    return next(r["eval_sequence_accuracy"] for r in records if "eval_sequence_accuracy" in r)
 
 
 def first_reach(points: list[dict], level: float) -> float | None:
@@ -115,11 +171,14 @@ def _reach(curves: list[list[dict]], level: float) -> tuple[str, float | None]:
     return _spread(times, 0) + note, statistics.median(times)
 
 
-def table(results: dict, levels: list[float]) -> str:
+def table(results: dict, levels: list[float], longer_acc: dict | None = None) -> str:
     """Per task and method: final accuracy and loss, s/step, seconds to each accuracy level
-    and to SeCO's final accuracy, and those as multiples of SeCO's."""
+    and to SeCO's final accuracy, and those as multiples of SeCO's; the accuracy at SeCO's
+    training seconds; with ``longer_acc`` ({(task, method): per seed}) the final weights'
+    accuracy at the task's longer length."""
     head = ["task", "method", "steps", "final seq. acc.", "final eval loss", "s/step"]
-    head += [f"s to acc {x}" for x in levels] + ["s to SeCO's final acc.", "x SeCO"]
+    head += [f"s to acc {x}" for x in levels] + ["s to SeCO's final acc.", "x SeCO", "acc. at SeCO's seconds"]
+    head += ["final acc. at " + "/".join(f"{n} tokens" for n in BEYOND.values())] if longer_acc else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task, methods in results.items():
         seco = methods.get("seco")
@@ -127,13 +186,20 @@ def table(results: dict, levels: list[float]) -> str:
         seco_time = _reach(seco, target)[1] if seco else None
         for method, curves in methods.items():
             finals = [c[-1] for c in curves]
+            trained = finals[0]["step"] > 0  # not the base model's one evaluation
             cells = [task, method, str(finals[0]["step"]), _spread([f["accuracy"] for f in finals], 3),
                      _spread([f["loss"] for f in finals], 3),
-                     _spread([f["seconds"] / f["step"] for f in finals], 3)]  # fmt: skip
+                     _spread([f["seconds"] / f["step"] for f in finals], 3) if trained else "-"]  # fmt: skip
             cells += [_reach(curves, x)[0] for x in levels]
             text, median = _reach(curves, target) if target is not None else ("-", None)
             ratio = f"{median / seco_time:.2f}" if median is not None and seco_time else "-"
-            lines.append("| " + " | ".join(cells + [text, ratio]) + " |")
+            at = [_at(c, "seconds", s[-1]["seconds"]) for c, s in zip(curves, seco)] if seco else []
+            equal = _spread([p["accuracy"] for p in at], 3) if at and None not in at else "-"
+            cells += [text, ratio, equal]
+            if longer_acc:
+                values = longer_acc.get((task, method), [])
+                cells.append(_spread(values, 3) if values and None not in values else "-")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -179,7 +245,13 @@ def plot(results: dict, path: Path) -> None:
         y = "loss" if task == "stdlib" else "accuracy"
         for col, x in enumerate(("step", "seconds")):
             ax = axes[row][col]
+            base = methods.get("base")  # the untouched model: one evaluation per seed
             for method, curves in methods.items():
+                if method == "base":
+                    ax.axhline(statistics.mean(c[0][y] for c in curves), ls="--", color="gray", label=method)
+                    continue
+                if base and len(base) == len(curves):  # every run starts from the base model
+                    curves = [b[:1] + c for b, c in zip(base, curves)]
                 n = min(len(c) for c in curves)
                 xs = [statistics.mean(c[i][x] for c in curves) for i in range(n)]
                 acc = [[c[i][y] for c in curves] for i in range(n)]
@@ -205,6 +277,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.9], help="accuracies to time")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs side by side, one core each")
     p.add_argument("--out", type=Path, default=Path("bench_out/quality"))
+    p.add_argument("--report-only", action="store_true", help="tables and plot of the finished runs; start none")
     args = p.parse_args(argv)
     for method in args.methods:
         method_flags(method)
@@ -228,8 +301,12 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             free.put(cpu)
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        folders = list(pool.map(work, jobs))
+    if args.report_only:  # the finished runs only, none started
+        jobs = [j for j in jobs if _finished(_folder(*j, args), schedule(j[0], j[1], args)[0])]
+        folders = [_folder(*j, args) for j in jobs]
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            folders = list(pool.map(work, jobs))
     curves = [curve(folder) for folder in folders]  # one read of each run's metrics.jsonl
     results: dict = {}
     for (task, method, _), points in zip(jobs, curves):
@@ -242,7 +319,11 @@ def main(argv: list[str] | None = None) -> None:
         f.write(",".join(rows[0]) + "\n" + "".join(",".join(str(v) for v in r.values()) + "\n" for r in rows))
     lm = {t: m for t, m in results.items() if t == "stdlib"}
     tasks = {t: m for t, m in results.items() if t != "stdlib"}
-    text = "\n\n".join(([table(tasks, args.levels)] if tasks else []) + ([lm_table(lm)] if lm else []))
+    longer_acc: dict = {}
+    for (task, method, _), folder in zip(jobs, folders):
+        if task in BEYOND:
+            longer_acc.setdefault((task, method), []).append(longer(folder))
+    text = "\n\n".join(([table(tasks, args.levels, longer_acc)] if tasks else []) + ([lm_table(lm)] if lm else []))
     (args.out / "quality.md").write_text(text + "\n")
     plot(results, args.out / "quality.png")
     print("\n" + text + f"\n\nwrote {args.out}/quality.csv, quality.md, quality.png")
