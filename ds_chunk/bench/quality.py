@@ -147,7 +147,7 @@ def longer(folder: Path) -> float | None:
     if task not in BEYOND or not metrics.exists():
         return None
     records = [json.loads(x) for x in metrics.read_text().splitlines()]
-    return next(r["eval_sequence_accuracy"] for r in records if "eval_sequence_accuracy" in r)
+    return next((r["eval_sequence_accuracy"] for r in records if "eval_sequence_accuracy" in r), None)
 
 
 def first_reach(points: list[dict], level: float) -> float | None:
@@ -250,8 +250,9 @@ def plot(results: dict, path: Path) -> None:
                 if method == "base":
                     ax.axhline(statistics.mean(c[0][y] for c in curves), ls="--", color="gray", label=method)
                     continue
-                if base and len(base) == len(curves):  # every run starts from the base model
-                    curves = [b[:1] + c for b, c in zip(base, curves)]
+                if base:  # every run starts from the base model of its seed
+                    first = {b[0]["seed"]: b[0] for b in base}
+                    curves = [[first[c[0]["seed"]]] + c if c[0]["seed"] in first else c for c in curves]
                 n = min(len(c) for c in curves)
                 xs = [statistics.mean(c[i][x] for c in curves) for i in range(n)]
                 acc = [[c[i][y] for c in curves] for i in range(n)]
@@ -309,8 +310,8 @@ def main(argv: list[str] | None = None) -> None:
             folders = list(pool.map(work, jobs))
     curves = [curve(folder) for folder in folders]  # one read of each run's metrics.jsonl
     results: dict = {}
-    for (task, method, _), points in zip(jobs, curves):
-        results.setdefault(task, {}).setdefault(method, []).append(points)
+    for (task, method, seed), points in zip(jobs, curves):
+        results.setdefault(task, {}).setdefault(method, []).append([{**p, "seed": seed} for p in points])
     rows = [{"task": t, "method": m, "seed": s, **p} for (t, m, s), c in zip(jobs, curves) for p in c]
     if not rows:
         raise SystemExit(f"no run logged an evaluation: see the runs' metrics.jsonl under {args.out}")
