@@ -292,8 +292,12 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     else:
         with _not_found(cfg.name_or_path, "model.name_or_path"):
             path = resolve(cfg.name_or_path)
-            config = scaled(AutoConfig.from_pretrained(path), cfg.rope_scaling)
-            model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs, **quant)
+            rope = (
+                {}
+                if cfg.rope_scaling is None
+                else {"config": scaled(AutoConfig.from_pretrained(path), cfg.rope_scaling)}
+            )
+            model = AutoModelForCausalLM.from_pretrained(path, **rope, **kwargs, **quant)
     ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks ZeRO-2 and our replay
     if cfg.quantization is not None:
         from peft import prepare_model_for_kbit_training
