@@ -4,9 +4,9 @@
 
 The model is the text-passkey task's (ds_configs/text_passkey_smollm2_cpu.json: SmolLM2-135M
 with linear RoPE x4), untouched (with and without the scaling) and with each given run's
-final LoRA adapter. The text: the
-Python standard library files held out by ``--task stdlib`` (a seeded tenth), through the
-model's tokenizer, packed into rows of ``--seq-len`` tokens. Prints the mean NLL (nats per
+final LoRA adapter. The text: the Python standard library files held out by ``--task
+stdlib`` (a seeded tenth), through the model's tokenizer, packed into rows of ``--seq-len``
+tokens. Prints the mean NLL (nats per
 token) in position buckets of ``--bucket`` tokens, one full forward per row, one thread.
 """
 
@@ -24,7 +24,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ds_chunk import checkpoint  # noqa: E402
 from ds_chunk.data import StdlibBytes  # noqa: E402
+from ds_chunk.generate import load_checkpoint  # noqa: E402
 from ds_chunk.model import ModelConfig, build_model, load_tokenizer  # noqa: E402
 
 CONFIG = ROOT / "ds_configs" / "text_passkey_smollm2_cpu.json"
@@ -53,20 +55,15 @@ def nll_by_position(model, data: torch.Tensor) -> torch.Tensor:
     return total / data.shape[0]
 
 
-def load(adapter_run: str | None, scaled: bool = True):
-    """The task's model (``scaled=False``: without its RoPE scaling), with a run's final LoRA
-    adapter (its newest checkpoint) if given."""
-    block = json.loads(CONFIG.read_text())["model"]
+def base(block: dict, scaled: bool):
+    """The task's model block as a model, without LoRA (``scaled=False``: nor its RoPE scaling)."""
     drop = {"lora"} if scaled else {"lora", "rope_scaling"}
-    model = build_model(ModelConfig.from_dict({k: v for k, v in block.items() if k not in drop}))
-    if adapter_run:
-        from peft import PeftModel
+    return build_model(ModelConfig.from_dict({k: v for k, v in block.items() if k not in drop})).eval()
 
-        steps = sorted(Path(adapter_run, "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
-        if not steps:
-            raise SystemExit(f"{adapter_run}: no checkpoints/step_N (run the quality bench, which keeps them)")
-        model = PeftModel.from_pretrained(model, str(steps[-1] / "adapter"))
-    return model.eval()
+
+def adapted(run: str):
+    """A run's final LoRA adapter on its base as trained (the RoPE scaling its checkpoint records)."""
+    return load_checkpoint(checkpoint.find(run))[0].eval()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     edges = list(range(0, args.seq_len - 1, args.bucket))
     head = ["model"] + [f"{s}-{min(s + args.bucket, args.seq_len - 1)}" for s in edges] + ["all"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    models = [("base, RoPE as trained", None, False), ("base, RoPE x4", None, True)]
-    for name, run, scaled in models + [(os.path.relpath(r), r, True) for r in args.runs]:
-        nll = nll_by_position(load(run, scaled), data)
+    models = [("base, RoPE as trained", lambda: base(block, False)), ("base, RoPE x4", lambda: base(block, True))]
+    for name, make in models + [(os.path.relpath(r), lambda r=r: adapted(r)) for r in args.runs]:
+        nll = nll_by_position(make(), data)
         cells = [f"{float(nll[s : s + args.bucket].mean()):.3f}" for s in edges] + [f"{float(nll.mean()):.3f}"]
         print("| " + " | ".join([name, *cells]) + " |", flush=True)
 

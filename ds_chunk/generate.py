@@ -78,9 +78,8 @@ def load_checkpoint(step_dir: str, dtype: torch.dtype = torch.float32) -> tuple[
         path = os.path.join(step_dir, "model")
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype), load_tokenizer(path)
     from peft import PeftModel
-    from transformers import AutoConfig
 
-    from ds_chunk.model import scaled
+    from ds_chunk.model import scaled_config
 
     with open(os.path.join(adapter, "adapter_config.json")) as f:
         base_path = resolve(json.load(f)["base_model_name_or_path"])
@@ -89,8 +88,7 @@ def load_checkpoint(step_dir: str, dtype: torch.dtype = torch.float32) -> tuple[
     # the adapter cannot carry; the checkpoint's state.json keeps it
     with open(os.path.join(step_dir, "state.json")) as f:
         rope = json.load(f).get("setup", {}).get("model.rope_scaling")
-    config = scaled(AutoConfig.from_pretrained(base_path), rope)
-    base = AutoModelForCausalLM.from_pretrained(base_path, config=config, dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(base_path, **scaled_config(base_path, rope), dtype=dtype)
     return PeftModel.from_pretrained(base, adapter), tokenizer
 
 

@@ -255,6 +255,16 @@ def scaled(config, rope: dict | None):
     return config
 
 
+def scaled_config(path: str, rope: dict | None) -> dict:
+    """``from_pretrained`` keyword arguments loading ``path`` with ``model.rope_scaling``: its
+    config merged with the scaling, or none (its own config) when there is no scaling."""
+    if rope is None:
+        return {}
+    from transformers import AutoConfig
+
+    return {"config": scaled(AutoConfig.from_pretrained(path), rope)}
+
+
 def build_base(cfg: ModelConfig) -> nn.Module:
     """The seeded, randomly initialised model of a ``config`` recipe, before quantization and
     LoRA: what ``build_model`` starts from (saved next to adapters so they can be loaded)."""
@@ -279,7 +289,7 @@ def _this_gpu() -> dict:
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Load (or build from config) the causal LM, quantize, prepare for k-bit training, add LoRA."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     kwargs = _load_kwargs(cfg)
     quant = {} if cfg.quantization is None else {"quantization_config": cfg.quantization.to_hf(), **_this_gpu()}
@@ -292,12 +302,9 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     else:
         with _not_found(cfg.name_or_path, "model.name_or_path"):
             path = resolve(cfg.name_or_path)
-            rope = (
-                {}
-                if cfg.rope_scaling is None
-                else {"config": scaled(AutoConfig.from_pretrained(path), cfg.rope_scaling)}
+            model = AutoModelForCausalLM.from_pretrained(
+                path, **scaled_config(path, cfg.rope_scaling), **kwargs, **quant
             )
-            model = AutoModelForCausalLM.from_pretrained(path, **rope, **kwargs, **quant)
     ckpt_kwargs = {"use_reentrant": False}  # reentrant checkpointing breaks ZeRO-2 and our replay
     if cfg.quantization is not None:
         from peft import prepare_model_for_kbit_training

@@ -50,10 +50,13 @@ BEYOND, BEYOND_PROMPTS = {"text-passkey": 2048}, 8
 SAMPLERS = {"spaco": "bernoulli", "gradient": "gradient", "paper": "paper"}
 
 
+PLAIN = {"seco": [], "truncate": ["--truncate"], "base": ["--eval-only"]}  # the methods without a sampler
+
+
 def method_flags(method: str) -> list[str]:
     """The launch/train.py flags of a method name (see the module docstring)."""
-    if method in ("seco", "truncate", "base"):
-        return {"seco": [], "truncate": ["--truncate"], "base": ["--eval-only"]}[method]
+    if method in PLAIN:
+        return PLAIN[method]
     m = re.fullmatch(r"(spaco|gradient|paper)@([0-9.]+)(\+sup)?", method)
     if m is None or not 0 < float(m.group(2)) <= 1:
         raise argparse.ArgumentTypeError(
@@ -81,8 +84,11 @@ def _finished(folder: Path, step: int) -> bool:
 
 
 def _saved_steps(folder: Path) -> int:
-    """The step of the newest checkpoint a run folder holds (0: none)."""
-    return max((int(p.name[5:]) for p in (folder / "checkpoints").glob("step_*")), default=0)
+    """The step of the newest complete checkpoint a run folder holds (0: none)."""
+    from ds_chunk.checkpoint import steps
+
+    saved = steps(str(folder / "checkpoints"))
+    return saved[-1][0] if saved else 0
 
 
 def _train_py(flags: list[str], out: Path, cpu: int | None, what: str, resume: bool = False) -> None:
@@ -140,11 +146,10 @@ def curve(folder: Path) -> list[dict]:
     return points
 
 
-def longer(folder: Path) -> float | None:
-    """Sequence accuracy of the run's final weights at the task's longer length (BEYOND), if evaluated."""
-    task = folder.parent.parent.name
-    metrics = folder / f"eval{BEYOND.get(task)}" / "metrics.jsonl"
-    if task not in BEYOND or not metrics.exists():
+def longer(folder: Path, tokens: int) -> float | None:
+    """Sequence accuracy of the run's final weights at ``tokens`` (its task's BEYOND), if evaluated."""
+    metrics = folder / f"eval{tokens}" / "metrics.jsonl"
+    if not metrics.exists():
         return None
     records = [json.loads(x) for x in metrics.read_text().splitlines()]
     return next((r["eval_sequence_accuracy"] for r in records if "eval_sequence_accuracy" in r), None)
@@ -243,16 +248,15 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(results), 2, figsize=(12, 4 * len(results)), squeeze=False)
     for row, (task, methods) in enumerate(results.items()):
         y = "loss" if task == "stdlib" else "accuracy"
+        start = {b[0]["seed"]: b[0] for b in methods.get("base", [])}
         for col, x in enumerate(("step", "seconds")):
             ax = axes[row][col]
-            base = methods.get("base")  # the untouched model: one evaluation per seed
             for method, curves in methods.items():
                 if method == "base":
                     ax.axhline(statistics.mean(c[0][y] for c in curves), ls="--", color="gray", label=method)
                     continue
-                if base:  # every run starts from the base model of its seed
-                    first = {b[0]["seed"]: b[0] for b in base}
-                    curves = [[first[c[0]["seed"]]] + c if c[0]["seed"] in first else c for c in curves]
+                # every run starts from the base model of its seed (its one evaluation)
+                curves = [[start[c[0]["seed"]]] + c if c[0]["seed"] in start else c for c in curves]
                 n = min(len(c) for c in curves)
                 xs = [statistics.mean(c[i][x] for c in curves) for i in range(n)]
                 acc = [[c[i][y] for c in curves] for i in range(n)]
@@ -323,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     longer_acc: dict = {}
     for (task, method, _), folder in zip(jobs, folders):
         if task in BEYOND:
-            longer_acc.setdefault((task, method), []).append(longer(folder))
+            longer_acc.setdefault((task, method), []).append(longer(folder, BEYOND[task]))
     text = "\n\n".join(([table(tasks, args.levels, longer_acc)] if tasks else []) + ([lm_table(lm)] if lm else []))
     (args.out / "quality.md").write_text(text + "\n")
     plot(results, args.out / "quality.png")
