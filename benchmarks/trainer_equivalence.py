@@ -20,8 +20,8 @@ from transformers import Trainer  # noqa: E402
 from ds_chunk.hf import ChunkwiseTrainer, with_chunkwise  # noqa: E402
 
 
-def loss_err(a, b) -> float:
-    return max(abs(x - y) / abs(y) for x, y in zip(t._losses(a), t._losses(b)))
+def loss_err(a, b, key="loss") -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(t._losses(a, key), t._losses(b, key)))
 
 
 def trainer_case(tmp, **args):
@@ -56,12 +56,14 @@ def deepspeed_case(tmp, offload):
     return trainer_case(tmp, deepspeed=path)
 
 
-def sft_case(tmp, mode):
+def sft_case(tmp, mode, chunkwise=t.CHUNK):
+    """fp32, AdamW; also SFTTrainer's own metrics (entropy, mean_token_accuracy, num_tokens)."""
     from trl import SFTTrainer
 
     parent, start = t._sft(SFTTrainer, f"{tmp}/a", mode)
-    ours, _ = t._sft(with_chunkwise(SFTTrainer), f"{tmp}/b", mode, chunkwise=t.CHUNK)
-    return loss_err(ours, parent), t._update_err(ours.model, parent.model, start)
+    ours, _ = t._sft(with_chunkwise(SFTTrainer), f"{tmp}/b", mode, chunkwise=chunkwise)
+    metrics = max(loss_err(ours, parent, key) for key in ("entropy", "mean_token_accuracy", "num_tokens"))
+    return loss_err(ours, parent), t._update_err(ours.model, parent.model, start), metrics
 
 
 CASES = [
@@ -71,12 +73,16 @@ CASES = [
     ("Trainer", "DeepSpeed ZeRO-2 from a JSON with the block", lambda d: deepspeed_case(d, False)),
     ("Trainer", "same + offload_optimizer", lambda d: deepspeed_case(d, True)),
     *[("SFTTrainer", mode, lambda d, m=mode: sft_case(d, m)) for mode in t.SFT_MODES],
+    *[  # packed rows, chunks of 5 cutting the documents
+        ("SFTTrainer", f"packed: {mode}", lambda d, m=mode: sft_case(d, t.PACKED_MODES[m], {"chunk_size": 5}))
+        for mode in t.PACKED_MODES
+    ],
 ]
 
 rows = []
 for parent, setting, case in CASES:
     with tempfile.TemporaryDirectory() as tmp:
         rows.append((parent, setting, *case(tmp)))
-print("| parent | setting | losses | weight updates |\n|---|---|---:|---:|")
-for parent, setting, losses, updates in rows:
-    print(f"| {parent} | {setting} | {losses:.1e} | {updates:.1e} |")
+print("| parent | setting | losses | weight updates | SFT metrics |\n|---|---|---:|---:|---:|")
+for parent, setting, losses, updates, *metrics in rows:
+    print(f"| {parent} | {setting} | {losses:.1e} | {updates:.1e} | {f'{metrics[0]:.1e}' if metrics else ''} |")

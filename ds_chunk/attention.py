@@ -24,26 +24,66 @@ import torch.nn.functional as F
 from torch import nn
 
 NAME = "ds_chunk_sdpa"
+# While chunk_attention runs packed rows: the current chunk's segments, set before each decoder
+# call (set_segments) and read by chunk_sdpa, in the forward and in a checkpointed layer's
+# recompute during that chunk's backward. Not a kwarg: some decoders (Nemotron) do not pass
+# their kwargs on to attention.
+_PACKED, _SEGMENTS = [False], [None]
+
+
+def set_segments(segments) -> None:
+    """The segments (``documents.Layout.segments``) of the chunk the next decoder calls run."""
+    _SEGMENTS[0] = segments
 
 
 def chunk_sdpa(module: nn.Module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """HF attention-interface function. query [B, heads, C, d]; key, value [B, kv_heads, P + C, d]."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    q_len, kv_len = query.shape[2], key.shape[2]
+    """HF attention-interface function. query [B, heads, C, d]; key, value [B, kv_heads, P + C, d].
+    Packed rows (``set_segments``): each document's part of the chunk attends to that
+    document's keys only, one causal call per part."""
+    kv_len = key.shape[2]
     window = kwargs.get("sliding_window")
     extra = kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None
     if attention_mask is not None or extra or (window is not None and window < kv_len):
         raise RuntimeError(f"{NAME} computes plain causal attention only (mask, sinks, softcap or window given)")
+    segments = _SEGMENTS[0] if _PACKED[0] else None
+    if _PACKED[0] and (
+        segments is None or (segments[0][0][0], segments[0][-1][1]) != (kv_len - query.shape[2], kv_len)
+    ):
+        raise RuntimeError(f"{NAME}: the packed documents' segments are not this chunk's")
     kind = query.device.type
     if torch.is_autocast_enabled(kind):  # as SDPA under autocast: all three in its dtype (fp32 q/k/v
         # come from fp32 norms and RoPE: HF Trainer's autocast on fp32 weights, prepared k-bit models)
         query, key, value = (t.to(torch.get_autocast_dtype(kind)) for t in (query, key, value))
+    if not query.is_cuda and dropout:
+        raise RuntimeError(f"{NAME} on CPU computes attention without dropout only")
+    if segments is None:
+        out = _causal(query, key, value, dropout, scaling)
+    else:
+        out = _packed(query, key, value, segments, dropout, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _packed(query, key, value, segments, dropout: float, scaling):
+    """Each document's part of the chunk (``documents.Layout.segments``: per row, (start, end,
+    document start) in positions) over its own document's keys; rows laid out alike at once."""
+    s = key.shape[2] - query.shape[2]  # the chunk's first position
+    same = all(row == segments[0] for row in segments)
+    groups = [(slice(None), segments[0])] if same else [(slice(b, b + 1), row) for b, row in enumerate(segments)]
+    rows_out = []
+    for rows, parts in groups:
+        q, k, v = query[rows], key[rows], value[rows]
+        parts_out = [_causal(q[:, :, a - s : b - s], k[:, :, d:b], v[:, :, d:b], dropout, scaling) for a, b, d in parts]
+        rows_out.append(torch.cat(parts_out, dim=2))
+    return torch.cat(rows_out)
+
+
+def _causal(query, key, value, dropout: float, scaling):
+    """Causal attention of the last queries over the keys (bottom-right aligned): [B, heads, C, d]."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    q_len, kv_len = query.shape[2], key.shape[2]
     if not query.is_cuda:
-        if dropout:
-            raise RuntimeError(f"{NAME} on CPU computes attention without dropout only")
-        out = _PrefixAndDiagonal.apply(query, key, value, kv_len - q_len, scaling)
-        return out.transpose(1, 2).contiguous(), None
+        return _PrefixAndDiagonal.apply(query, key, value, kv_len - q_len, scaling)
     gqa = query.shape[1] != key.shape[1]
     if not _flash_supports(query, key, value, dropout):
         # not expected (the scheduler checked the shapes); never let SDPA fall back to its math
@@ -52,10 +92,9 @@ def chunk_sdpa(module: nn.Module, query, key, value, attention_mask, dropout=0.0
         mask, gqa = causal_lower_right(q_len, kv_len)._materialize(query.device), False
     else:
         mask = causal_lower_right(q_len, kv_len)
-    out = F.scaled_dot_product_attention(
+    return F.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa
     )  # [B, heads, C, d]
-    return out.transpose(1, 2).contiguous(), None
 
 
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -152,9 +191,10 @@ def _register() -> None:
 
 
 @contextlib.contextmanager
-def chunk_attention(model: nn.Module, padded: bool, device: torch.device) -> Iterator[bool]:
+def chunk_attention(model: nn.Module, padded: bool, device: torch.device, packed: bool = False) -> Iterator[bool]:
     """Use ``chunk_sdpa`` for ``model`` inside the block when it is exact and cheaper: an
-    sdpa model, no padding, flash attention supported. Yields whether it switched.
+    sdpa model, no padding, flash attention supported. Yields whether it switched. packed:
+    the rows hold several documents (every call then passes its segments).
 
     Only the decoder's own config is switched (its attention layers and mask creation
     read it per call), without the setter's recursion into sub-configs.
@@ -170,8 +210,8 @@ def chunk_attention(model: nn.Module, padded: bool, device: torch.device) -> Ite
         yield False
         return
     _register()
-    cfg._attn_implementation_internal = NAME
+    cfg._attn_implementation_internal, _PACKED[0], _SEGMENTS[0] = NAME, packed, None
     try:
         yield True
     finally:
-        cfg._attn_implementation_internal = "sdpa"
+        cfg._attn_implementation_internal, _PACKED[0], _SEGMENTS[0] = "sdpa", False, None

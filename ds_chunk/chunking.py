@@ -32,16 +32,23 @@ def prepare_labels(
     return target
 
 
-def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_positions: int | None) -> None:
-    """Clear errors for inputs that would otherwise fail deep inside torch."""
+def check_inputs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_positions: int | None,
+    position_ids: torch.Tensor | None = None,
+) -> None:
+    """Clear errors for inputs that would otherwise fail deep inside torch. With position_ids
+    the longest sequence is one more than their largest (packed rows: the longest document)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
     batch, seq_len = input_ids.shape
     if batch == 0 or seq_len == 0:
         raise ValueError(f"empty batch: input_ids has shape {tuple(input_ids.shape)}")
-    if max_positions is not None and seq_len > max_positions:
+    longest = seq_len if position_ids is None or not position_ids.numel() else int(position_ids.max()) + 1
+    if max_positions is not None and longest > max_positions:
         raise ValueError(
-            f"sequence of {seq_len} tokens exceeds the {max_positions} positions the model takes "
+            f"sequence of {longest} tokens exceeds the {max_positions} positions the model takes "
             "(max_position_embeddings times any RoPE scaling factor; model.rope_scaling extends it)"
         )
     if attention_mask is not None:

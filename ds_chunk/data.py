@@ -17,6 +17,7 @@ import torch
 from ds_chunk.chunking import IGNORE_INDEX
 
 Example = dict[str, torch.Tensor]
+PACKING = ("documents", "wrapped")  # how TokenizedDataset packs texts (see there)
 
 
 class RecallTask:
@@ -173,15 +174,29 @@ class NoSupervisedTokens(ValueError):
 class TokenizedDataset:
     """Examples from JSONL / HF ``datasets`` records, tokenized once up front.
 
-    Records with "text" are packed into ``seq_len`` blocks (loss on every token).
+    Records with "text" are packed into ``seq_len`` blocks (loss on every token), each text
+    followed by EOS. packing "documents": each text attends only to itself (position_ids
+    restart at each, the first token of each is not predicted from the one before; a text cut
+    by a block's end goes on in the next block as a new one); "wrapped": texts attend to the
+    texts before them in the block (TRL's packing_strategy="wrapped").
     Records with "messages" (chat) or "prompt" + "response"/"completion" are
     instruction samples: loss on the answer tokens only, truncated to ``seq_len``.
     ``where[i]`` names record i in errors (e.g. ``train.jsonl:8``; default ``record i``).
     """
 
-    def __init__(self, records: Sequence[dict], tokenizer, seq_len: int, where: Sequence[str] | None = None):
+    def __init__(
+        self,
+        records: Sequence[dict],
+        tokenizer,
+        seq_len: int,
+        where: Sequence[str] | None = None,
+        packing: str = "documents",
+    ):
+        if packing not in PACKING:
+            raise ValueError(f"packing = {packing!r}: expected one of {', '.join(map(repr, PACKING))}")
         texts, pairs = split_records(records, where)
-        self.examples = _pack(texts, tokenizer, seq_len) + [_instruction(p, a, tokenizer, seq_len) for p, a in pairs]
+        packed = _pack(texts, tokenizer, seq_len, packing == "documents")
+        self.examples = packed + [_instruction(p, a, tokenizer, seq_len) for p, a in pairs]
         self.examples = [e for e in self.examples if (e["labels"][1:] != IGNORE_INDEX).any()]
         if not self.examples:
             raise NoSupervisedTokens(
@@ -244,13 +259,25 @@ def _instruction(prompt, answer: str, tokenizer, seq_len: int) -> Example:
     return {"input_ids": ids, "labels": labels}
 
 
-def _pack(texts: list[str], tokenizer, seq_len: int) -> list[Example]:
+def _pack(texts: list[str], tokenizer, seq_len: int, separate: bool) -> list[Example]:
     if not texts:
         return []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stream = [t for text in texts for t in tokenizer(text, add_special_tokens=True)["input_ids"] + eos]
-    blocks = [torch.tensor(stream[s : s + seq_len]) for s in range(0, len(stream), seq_len)]
-    return [{"input_ids": b, "labels": b.clone()} for b in blocks if len(b) > 1]
+    docs = [tokenizer(text, add_special_tokens=True)["input_ids"] + eos for text in texts]
+    stream = torch.tensor([t for doc in docs for t in doc])
+    blocks = [(s, min(s + seq_len, len(stream))) for s in range(0, len(stream), seq_len)]
+    if not separate:
+        return [{"input_ids": stream[s:e], "labels": stream[s:e].clone()} for s, e in blocks if e - s > 1]
+    positions = torch.cat([torch.arange(len(doc)) for doc in docs])
+    out = []
+    for s, e in blocks:
+        pos = positions[s:e].clone()
+        first = int(torch.nonzero(pos == 0)[0]) if bool((pos == 0).any()) else len(pos)
+        pos[:first] -= int(pos[0])  # the rest of a text the previous block cut: a new document here
+        labels = stream[s:e].masked_fill(pos == 0, IGNORE_INDEX)  # no prediction across documents
+        if e - s > 1:
+            out.append({"input_ids": stream[s:e], "labels": labels, "position_ids": pos})
+    return out
 
 
 def load_records(source: str) -> tuple[list[dict], list[str]]:
@@ -297,13 +324,18 @@ def held_out_rows(n: int, fraction: float, seed: int) -> list[int]:
 
 
 def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: pads have attention_mask 0 and label -100."""
+    """Right-pad to the longest example: pads have attention_mask 0 and label -100. Where an
+    example has position_ids (packed documents), the batch has them: 0..n-1 for the others,
+    0 on pads."""
     longest = max(len(e["input_ids"]) for e in examples)
     out = {
         "input_ids": torch.zeros(len(examples), longest, dtype=torch.long),
         "labels": torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long),
         "attention_mask": torch.zeros(len(examples), longest, dtype=torch.long),
     }
+    packed = any("position_ids" in e for e in examples)
+    if packed:
+        out["position_ids"] = torch.zeros(len(examples), longest, dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
         out["input_ids"][row, :n], out["labels"][row, :n], out["attention_mask"][row, :n] = (
@@ -311,6 +343,8 @@ def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
             e["labels"],
             1,
         )
+        if packed:
+            out["position_ids"][row, :n] = e.get("position_ids", torch.arange(n))
     return out
 
 

@@ -29,6 +29,8 @@ from ds_chunk.ops import announce_op_builds
 from ds_chunk.scheduler import ChunkScheduler, LocalGrads
 from ds_chunk.zero3 import partitioned
 
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "position_ids")  # what train_batch reads from a batch
+
 
 class _Inject(torch.autograd.Function):
     """A zero whose backward hands ``param`` exactly ``grad``."""
@@ -220,22 +222,25 @@ class ChunkwiseEngine:
         return value
 
     def train_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One optimizer step on ``batch`` (input_ids, optional labels / attention_mask).
+        """One optimizer step on ``batch`` (input_ids, optional labels / attention_mask /
+        position_ids: restarting ones mark packed documents, see ``ChunkScheduler.backward``).
 
         The batch's rows are this rank's micro-batches (gradient_accumulation_steps of
         them). Returns the mean CE over every supervised token of the step, all ranks
         (non-finite if the step was skipped: see ``skipped_steps``).
         """
-        ids, labels, mask = (batch.get(k) for k in ("input_ids", "labels", "attention_mask"))
+        ids, labels, mask, pos = (batch.get(k) for k in BATCH_KEYS)
         if ids is None:
             raise KeyError("train_batch needs batch['input_ids']")
         gas = self.engine.gradient_accumulation_steps()
         if ids.shape[0] % gas:
             raise ValueError(f"batch of {ids.shape[0]} rows does not split into gradient_accumulation_steps={gas}")
-        ids, labels, mask = (None if t is None else t.to(self.engine.device) for t in (ids, labels, mask))
+        if pos is not None:
+            pos = pos.expand(ids.shape[0], -1) if pos.dim() == 2 and pos.shape[0] == 1 else pos
+        ids, labels, mask, pos = (None if t is None else t.to(self.engine.device) for t in (ids, labels, mask, pos))
         rank, world = self.rank_and_world()
         if self.zero3:
-            ids, labels, mask = self._common_length(ids, labels, mask)
+            ids, labels, mask, pos = self._common_length(ids, labels, mask, pos)
         # Mean over all supervised tokens of the step on all ranks; DeepSpeed averages
         # the ranks' gradients, so each rank divides by (global count / world size).
         local = (prepare_labels(ids, labels, mask) != IGNORE_INDEX).sum().double()
@@ -244,7 +249,7 @@ class ChunkwiseEngine:
             raise ValueError("no supervised token in the step: every label is -100 (ignored)")
         self.last_results = []
         with self.autocast():
-            self._micro_batches(ids, labels, mask, total / world, rank)
+            self._micro_batches((ids, labels, mask, pos), total / world, rank)
         grads = None if self.zero3 else self.grads.take()
         finite = self._all_finite(grads or [])
         if self.zero3 or finite:
@@ -266,17 +271,17 @@ class ChunkwiseEngine:
             return contextlib.nullcontext()
         return torch.autocast(torch.device(self.engine.device).type, dtype=self.engine.torch_autocast_dtype())
 
-    def _common_length(self, ids, labels, mask):
-        """ZeRO-3: rows right-padded (mask 0, label -100) to the longest row of any rank, so every
-        rank runs the same number of chunk forwards."""
+    def _common_length(self, ids, labels, mask, pos):
+        """ZeRO-3: rows right-padded (mask 0, label -100, position 0) to the longest row of any
+        rank, so every rank runs the same number of chunk forwards."""
         longest = int(self._all_reduce(torch.tensor(ids.shape[1], device=ids.device), torch.distributed.ReduceOp.MAX))
         mask = torch.ones_like(ids) if mask is None else mask
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if labels is None else labels
         pad = longest - ids.shape[1]
         if pad == 0:
-            return ids, labels, mask
+            return ids, labels, mask, pos
         padded = [F.pad(t, (0, pad), value=v) for t, v in ((ids, 0), (labels, IGNORE_INDEX), (mask, 0))]
-        return tuple(padded)
+        return *padded, None if pos is None else F.pad(pos, (0, pad), value=0)
 
     def _schedule(self, ids, labels, mask) -> list[bool] | None:
         """ZeRO-3: whether each chunk holds a supervised token on any rank (None otherwise)."""
@@ -315,12 +320,12 @@ class ChunkwiseEngine:
         flag = torch.tensor(float(ok), device=self.engine.device)
         return bool(self._all_reduce(flag, torch.distributed.ReduceOp.MIN) > 0)
 
-    def _micro_batches(self, ids, labels, mask, normalizer: float, rank: int) -> None:
+    def _micro_batches(self, batch: tuple, normalizer: float, rank: int) -> None:
         gas = self.engine.gradient_accumulation_steps()
-        micro = ids.shape[0] // gas
+        micro = batch[0].shape[0] // gas
         for j in range(gas):
             rows = slice(j * micro, (j + 1) * micro)
-            ids_j, labels_j, mask_j = (None if t is None else t[rows] for t in (ids, labels, mask))
+            ids_j, labels_j, mask_j, pos_j = (None if t is None else t[rows] for t in batch)
             result = self.scheduler.backward(
                 self.engine.module,
                 ids_j,
@@ -334,6 +339,7 @@ class ChunkwiseEngine:
                 backward_fn=self._chunk_backward if self.zero3 else self.grads,
                 forward_fn=self._forward if self.zero3 else None,
                 has_loss=self._schedule(ids_j, labels_j, mask_j),
+                position_ids=pos_j,
             )
             self.last_results.append(result)
 

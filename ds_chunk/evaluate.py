@@ -12,13 +12,15 @@ from ds_chunk.adapter import cache_kwarg, full_length_rope, lm_head, text_config
 from ds_chunk.attention import chunk_attention
 from ds_chunk.bnb import no_cpu_inference_packing
 from ds_chunk.chunking import IGNORE_INDEX, chunk_bounds, prepare_labels
+from ds_chunk.documents import Layout, check_packed, mask_dtype
 from ds_chunk.kv import ChunkCache, KVStore
 from ds_chunk.loss import auto_sub_chunk
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], chunk_size: int) -> dict[str, float]:
-    """Mean CE, perplexity, token accuracy and whole-answer accuracy over supervised tokens.
+    """Mean CE, perplexity, token accuracy, entropy of the predicted distribution and
+    whole-answer accuracy over supervised tokens.
 
     ``sequence_accuracy`` counts a row as right when every supervised token of it is
     predicted (argmax) correctly: recall / passkey accuracy for the synthetic tasks.
@@ -26,7 +28,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], chunk
     hf = unwrap(model)
     was_training = hf.training
     hf.eval()  # no dropout; the 4-bit repacking this would trigger is switched off below
-    totals = {"nll": 0.0, "tokens": 0, "correct": 0, "rows": 0, "rows_correct": 0}
+    totals = {"nll": 0.0, "entropy": 0.0, "tokens": 0, "correct": 0, "rows": 0, "rows_correct": 0}
     try:
         with no_cpu_inference_packing(hf):
             for batch in batches:
@@ -38,6 +40,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], chunk
         "loss": totals["nll"] / n,
         "perplexity": math.exp(min(totals["nll"] / n, 50.0)),
         "token_accuracy": totals["correct"] / n,
+        "entropy": totals["entropy"] / n,
         "sequence_accuracy": totals["rows_correct"] / max(totals["rows"], 1),
         "tokens": totals["tokens"],
     }
@@ -50,27 +53,31 @@ def _nll_and_hits(head, hidden: torch.Tensor, target: torch.Tensor, step: int, t
     for s in range(0, hidden.shape[0], step):
         logits = head(hidden[s : s + step]).float()  # [step, V]
         totals["nll"] += float(torch.nn.functional.cross_entropy(logits, target[s : s + step], reduction="sum"))
+        totals["entropy"] += float(torch.special.entr(logits.softmax(-1)).sum())
         hits.append(logits.argmax(-1) == target[s : s + step])
     return torch.cat(hits)
 
 
 def _accumulate(hf: nn.Module, batch: dict, chunk_size: int, totals: dict) -> None:
     device = next(hf.parameters()).device
-    ids, labels, mask = (
-        None if batch.get(k) is None else batch[k].to(device) for k in ("input_ids", "labels", "attention_mask")
+    ids, labels, mask, pos = (
+        None if batch.get(k) is None else batch[k].to(device)
+        for k in ("input_ids", "labels", "attention_mask", "position_ids")
     )
     target = prepare_labels(ids, labels, mask)
+    layout = Layout.of(ids, pos)
+    check_packed(hf, layout)
     decoder, head = hf.get_decoder(), lm_head(hf)
     text = text_config(hf)
     store, key, step = KVStore(text.num_hidden_layers), cache_kwarg(decoder), auto_sub_chunk(text.vocab_size)
     row_wrong = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     padded = mask is not None and not bool(mask.all())
-    with chunk_attention(hf, padded, device), full_length_rope(hf, ids.shape[1]):
+    dtype = mask_dtype(decoder)
+    with chunk_attention(hf, padded, device, layout.packed) as fast, full_length_rope(hf, layout.longest):
         for c, (s, e) in enumerate(chunk_bounds(ids.shape[1], chunk_size)):
             hidden = decoder(
                 input_ids=ids[:, s:e],
-                attention_mask=None if mask is None else mask[:, :e],
-                position_ids=torch.arange(s, e, device=device).unsqueeze(0),
+                **layout.inputs(s, e, mask if padded else None, fast, dtype),
                 use_cache=True,
                 **{key: ChunkCache(store, c, record=True)},
             )[0]

@@ -36,7 +36,10 @@ from ds_chunk.scheduler import ChunkScheduler, LocalGrads
 
 logger = logging.getLogger("ds_chunk")
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels")  # what a chunk-wise step passes on
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids")  # what a chunk-wise step passes on
+# TRL's padding-free batches also carry varlen hints for flash attention; the documents are read
+# from position_ids (checked to agree with cu_seq_lens_q)
+VARLEN_HINTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 class ChunkwiseTrainerError(ValueError):
@@ -86,6 +89,7 @@ class _ChunkwiseMixin:
             logger.warning(f"ds_chunk: {why}: training exactly as {parent}")
             return
         self._refuse_what_cannot_be_chunked()
+        self._sft = _is_sft(_defining_class(type(self), "compute_loss"))  # log SFTTrainer's metrics as it does
         self._scheduler = ChunkScheduler(self.chunkwise)
         self._micro = 0  # micro-batch index inside the current optimizer step (SpaCO's draw)
         self._driver = None  # made at the first step, once accelerate has wrapped the model
@@ -132,12 +136,6 @@ class _ChunkwiseMixin:
         if _is_sft(loss_owner):
             if getattr(args, "loss_type", "nll") != "nll":
                 refuse(f"loss_type = {args.loss_type!r}", "only 'nll' (cross-entropy) is chunked")
-            if getattr(self, "padding_free", False):
-                refuse(
-                    "padding_free / packing_strategy 'bfd'",
-                    "position_ids restart inside a row (several "
-                    "documents per row): not chunked exactly; use packing=False or packing_strategy='wrapped'",
-                )
             if getattr(self, "aux_loss_enabled", False):
                 refuse("router_aux_loss_coef (MoE load-balancing loss)", "not chunked yet; set it to 0")
             if getattr(args, "activation_offloading", False):
@@ -155,7 +153,8 @@ class _ChunkwiseMixin:
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
-        ids, labels, mask = self._chunk_inputs(self._prepare_inputs(inputs))
+        inputs = self._prepare_inputs(inputs)
+        ids, labels, mask, positions = self._chunk_inputs(inputs)
         driver = self._driver = self._driver or _driver_for(model, self.accelerator)
         sync = self.accelerator.sync_gradients  # the Trainer step's last micro-batch
         step = self.state.global_step * self.args.gradient_accumulation_steps + self._micro
@@ -172,23 +171,39 @@ class _ChunkwiseMixin:
                 rank=self.args.process_index,
                 backward_fn=driver.backward_fn,
                 forward_fn=driver.forward,
+                position_ids=positions,
+                token_stats=self._sft,
             )
             if sync:
                 driver.end_step()
         self._micro = 0 if sync else self._micro + 1
+        if self._sft:
+            self._sft_metrics(inputs, result.token_stats)
         return torch.tensor(float(result.loss), dtype=torch.float32, device=self.args.device)
 
+    def _sft_metrics(self, inputs: dict, stats) -> None:
+        """What SFTTrainer.compute_loss logs in training: entropy and mean_token_accuracy over
+        the supervised tokens of the micro-batch, all ranks (not where the loss is a SpaCO
+        estimate or a fused kernel made no logits), and the running num_tokens."""
+        metrics, gather = self._metrics["train"], self.accelerator.gather_for_metrics
+        if stats is not None:
+            device = self.args.device
+            valid = float(gather(torch.tensor(float(stats.tokens), device=device)).sum())
+            entropy = float(gather(torch.tensor(stats.entropy, device=device)).sum())
+            correct = float(gather(torch.tensor(float(stats.correct), device=device)).sum())
+            metrics["entropy"].append(entropy / valid if valid > 0 else 0.0)
+            metrics["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
+        if "attention_mask" in inputs:
+            tokens = gather(inputs["attention_mask"].sum()).sum().item()
+        else:  # padding-free: every position is a token
+            tokens = gather(torch.tensor(inputs["input_ids"].size(1), device=self.args.device)).sum().item()
+        self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)
+        metrics["num_tokens"] = [self._total_train_tokens]
+
     def _chunk_inputs(self, inputs: dict) -> tuple:
-        """(input_ids, labels, attention_mask); refuses inputs a chunk-wise step would drop."""
-        position_ids = inputs.get("position_ids")
-        if position_ids is not None:
-            arange = torch.arange(position_ids.shape[-1], device=position_ids.device)
-            if not bool((position_ids == arange).all()):
-                raise ChunkwiseTrainerError(
-                    "inputs['position_ids'] restart inside a row (packed documents): not chunked exactly; "
-                    "use packing=False or packing_strategy='wrapped' (SFTConfig), or a collator without them"
-                )
-        extra = sorted(set(inputs) - set(MODEL_INPUTS) - {"position_ids", "use_cache", "num_items_in_batch"})
+        """(input_ids, labels, attention_mask, position_ids); refuses inputs a chunk-wise step would drop."""
+        _check_varlen_hints(inputs)
+        extra = sorted(set(inputs) - set(MODEL_INPUTS) - set(VARLEN_HINTS) - {"use_cache", "num_items_in_batch"})
         if extra:
             raise ChunkwiseTrainerError(
                 f"inputs {extra}: a chunk-wise step passes only {', '.join(MODEL_INPUTS)} to the model; "
@@ -196,7 +211,7 @@ class _ChunkwiseMixin:
             )
         if "input_ids" not in inputs:
             raise ChunkwiseTrainerError("inputs have no 'input_ids' (inputs_embeds is not chunked)")
-        return inputs["input_ids"], inputs.get("labels"), inputs.get("attention_mask")
+        return tuple(inputs.get(k) for k in ("input_ids", "labels", "attention_mask", "position_ids"))
 
     def _normalizer(self, labels, ids, mask, num_items_in_batch) -> float:
         """What the parent's loss divides the micro-batch's summed token CE by (per rank)."""
@@ -231,11 +246,16 @@ class _ChunkwiseMixin:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         from ds_chunk.evaluate import evaluate
 
-        ids, labels, mask = self._chunk_inputs(self._prepare_inputs(inputs))
+        inputs = self._prepare_inputs(inputs)
+        batch = dict(zip(("input_ids", "labels", "attention_mask", "position_ids"), self._chunk_inputs(inputs)))
         with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
-            metrics = evaluate(
-                unwrap(model), [{"input_ids": ids, "labels": labels, "attention_mask": mask}], self.chunkwise.chunk_size
-            )
+            metrics = evaluate(unwrap(model), [batch], self.chunkwise.chunk_size)
+        if self._sft:  # as SFTTrainer.compute_loss logs them in evaluation
+            gather, device, n = self.accelerator.gather_for_metrics, self.args.device, metrics["tokens"]
+            valid = float(gather(torch.tensor(float(n), device=device)).sum())
+            for key, ours in (("entropy", "entropy"), ("mean_token_accuracy", "token_accuracy")):
+                total = float(gather(torch.tensor(metrics[ours] * n, device=device)).sum())
+                self._metrics["eval"][key].append(total / valid if valid > 0 else 0.0)
         return torch.tensor(metrics["loss"], device=self.args.device), None, None
 
     def evaluation_loop(self, *args, **kwargs):
@@ -246,6 +266,23 @@ class _ChunkwiseMixin:
             if loss is not None:
                 output.metrics[f"{prefix}_perplexity"] = math.exp(min(loss, 50.0))
         return output
+
+
+def _check_varlen_hints(inputs: dict) -> None:
+    """TRL's cu_seq_lens_q must name the documents that position_ids do (their restarts)."""
+    cu, positions = inputs.get("cu_seq_lens_q"), inputs.get("position_ids")
+    if cu is None:
+        return
+    if positions is None or positions.shape[0] != 1:
+        raise ChunkwiseTrainerError("inputs['cu_seq_lens_q'] without one row of position_ids: the documents are read "
+                                    "from position_ids (as transformers' sdpa and eager attention do)")  # fmt: skip
+    p = positions[0]
+    starts = torch.cat([p.new_zeros(1), torch.nonzero(p[1:] != p[:-1] + 1).flatten() + 1, p.new_tensor([len(p)])])
+    if not torch.equal(starts.cpu().to(torch.long), cu.cpu().to(torch.long)):
+        raise ChunkwiseTrainerError(
+            f"inputs['cu_seq_lens_q'] = {cu.tolist()} disagrees with the document starts of position_ids "
+            f"({starts.tolist()}): ds_chunk reads the documents from position_ids"
+        )
 
 
 # ---- how a step's backwards reach the parameters -------------------------------------------

@@ -14,6 +14,7 @@ so those sub-chunks' logits stay for the backward. Label smoothing is not suppor
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,41 @@ from ds_chunk.chunking import IGNORE_INDEX
 from ds_chunk.zero3 import gathered, partitioned
 
 LOGITS_BUDGET = 32 * 2**20  # bytes of float32 logits per sub-chunk when loss_chunk_size is left to us
+
+
+@dataclass
+class TokenStats:
+    """Sums over the supervised tokens whose logits were made: the entropy of the next-token
+    distribution and whether the label is its (first) argmax, as TRL's SFTTrainer logs them
+    (``entropy``, ``mean_token_accuracy``). complete: every supervised token was counted (not
+    so where a fused kernel made the loss without logits)."""
+
+    entropy: torch.Tensor | float = 0.0
+    correct: torch.Tensor | int = 0
+    tokens: torch.Tensor | int = 0
+    complete: bool = True
+    _parts: list = field(default_factory=list, repr=False)
+
+    @torch.no_grad()
+    def add(self, entropy: torch.Tensor, hit: torch.Tensor, keep: torch.Tensor) -> None:
+        """entropy, hit, keep: [n] per position; only ``keep`` positions count."""
+        self._parts.append(((entropy * keep).sum().double(), (hit & keep).sum(), keep.sum()))
+
+    @torch.no_grad()
+    def add_logits(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """From logits [n, V] (the family's transform applied, upcast) and target [n]."""
+        keep = target != IGNORE_INDEX
+        entropy = torch.special.entr(logits.softmax(-1)).sum(-1)
+        self.add(entropy, logits.argmax(-1) == target, keep)
+
+    def total(self) -> TokenStats:
+        """The sums as numbers (one synchronisation)."""
+        for e, c, n in self._parts:
+            self.entropy += float(e)
+            self.correct += int(c)
+            self.tokens += int(n)
+        self._parts = []
+        return self
 
 
 def auto_sub_chunk(vocab: int, rows: int = 1) -> int:
@@ -45,12 +81,15 @@ def _zero_loss(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.new_zeros((), dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
 
 
-def _ce_sum(head: LMHead, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _ce_sum(head: LMHead, hidden: torch.Tensor, target: torch.Tensor, stats: list | None = None) -> torch.Tensor:
+    """stats: [TokenStats] to add to, emptied on use (a checkpoint's recompute adds nothing)."""
     logits = _upcast(head(hidden))  # [n, V]
+    if stats:
+        stats.pop().add_logits(logits.detach(), target)
     return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _block_ce_and_grad(head: LMHead, h, t, weight, bias, scale: float):
+def _block_ce_and_grad(head: LMHead, h, t, weight, bias, scale: float, stats: TokenStats | None = None):
     """CE sum of one block, hidden [n, H], target [n], and ``scale`` x d CE / d logits [n, V]
     in the logits' own dtype: what the unfused path hands the LM head's matmul backward for
     the loss CE sum x scale (scaled before the matmul, as there, so the roundings agree).
@@ -58,7 +97,8 @@ def _block_ce_and_grad(head: LMHead, h, t, weight, bias, scale: float):
     One [n, V] float32 tensor at a time: the softmax is made in place in the logits
     (``torch.logsumexp`` would allocate a second one), and a 16-bit original is dropped
     once upcast. Two with a logit transform (``LMHead.with_slope``): soft-capping keeps its
-    slope for the end, a constant scale makes a new tensor of the scaled logits."""
+    slope for the end, a constant scale makes a new tensor of the scaled logits; and with
+    ``stats``, the entropy's."""
     z = F.linear(h, weight, bias)  # [n, V], as the module computes it (autocast applies)
     dtype = z.dtype
     z = _upcast(z)
@@ -69,10 +109,14 @@ def _block_ce_and_grad(head: LMHead, h, t, weight, bias, scale: float):
     safe = t.masked_fill(~keep, 0).unsqueeze(1)
     picked = z.gather(1, safe).squeeze(1)
     top = z.amax(1, keepdim=True)
+    hit = z.argmax(1) == t if stats is not None else None
     total = z.sub_(top).exp_().sum(1, keepdim=True)  # z is now exp(z - top)
     ce = (((total.log() + top).squeeze(1) - picked) * keep).sum()
     # d CE / d z = softmax(z) - onehot(t) on supervised rows, 0 on ignored ones
-    dz = z.div_(total).mul_(keep.unsqueeze(1))
+    z.div_(total)
+    if stats is not None:
+        stats.add(torch.special.entr(z).sum(1), hit, keep)
+    dz = z.mul_(keep.unsqueeze(1))
     dz.scatter_add_(1, safe, -keep.unsqueeze(1).to(dz.dtype))
     dz.mul_(scale)
     if slope is not None:
@@ -90,7 +134,7 @@ class _FusedLinearCE(torch.autograd.Function):
     scaled copy, two [V, H] buffers at once. So the graph can be backpropagated once."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, normalizer: float, step: int, skip: bool, head: LMHead):
+    def forward(ctx, hidden, weight, bias, target, normalizer: float, step: int, skip: bool, head: LMHead, stats):
         grad_h = torch.zeros_like(hidden) if hidden.requires_grad else None
         acc = torch.promote_types(weight.dtype, torch.float32)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if weight.requires_grad else None
@@ -102,7 +146,7 @@ class _FusedLinearCE(torch.autograd.Function):
             h, t = hidden[:, s : s + step].flatten(0, 1), target[:, s : s + step].flatten()
             if skip and not (t != IGNORE_INDEX).any():
                 continue
-            ce, d = _block_ce_and_grad(head, h, t, weight, bias, 1.0 / normalizer)
+            ce, d = _block_ce_and_grad(head, h, t, weight, bias, 1.0 / normalizer, stats)
             total += ce.to(total.dtype)
             if grad_h is not None:
                 grad_h[:, s : s + step] = (d @ weight.to(d.dtype)).view(hidden.shape[0], -1, hidden.shape[2])
@@ -122,7 +166,7 @@ class _FusedLinearCE(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("ds_chunk's fused LM head + loss can be backpropagated once (no retain_graph)")
         grads, ctx.grads = ctx.grads, None
-        return *(None if g is None else g.mul_(out.to(g.dtype)) for g in grads), None, None, None, None, None
+        return *(None if g is None else g.mul_(out.to(g.dtype)) for g in grads), None, None, None, None, None, None
 
 
 def chunk_loss(
@@ -133,6 +177,7 @@ def chunk_loss(
     sub_chunk: int | None = None,
     skip_unsupervised: bool = True,
     kernel: str = "torch",
+    stats: TokenStats | None = None,
 ) -> torch.Tensor:
     """sum of token CE over the chunk / normalizer (the supervised tokens of the whole step).
 
@@ -142,6 +187,7 @@ def chunk_loss(
     ``skip_unsupervised`` is False (ranks that must call the LM head alike: ZeRO-3).
     kernel: what makes the loss and its gradients with autograd on (``loss_kernels.pick``:
     "torch" is ours; "liger" / "cce" take their own blocks); without autograd it is ours.
+    stats: adds the supervised tokens' entropy and accuracy (not with "liger" / "cce").
     """
     step = sub_chunk or hidden.shape[1]
     parts = head.linear
@@ -153,8 +199,10 @@ def chunk_loss(
     if parts is not None and torch.is_grad_enabled():
         with gathered(p for p in parts if p is not None):  # ZeRO-3: a collective, every rank calls it
             if kernel != "torch":
+                if stats is not None:
+                    stats.complete = False  # the kernel makes no logits
                 return loss_kernels.ce_sum(kernel, head, hidden, target, *parts) / normalizer
-            args = (target, normalizer, step, skip_unsupervised, head)
+            args = (target, normalizer, step, skip_unsupervised, head, stats)
             return _FusedLinearCE.apply(hidden, parts[0], parts[1], *args)
     recompute = sub_chunk is not None and torch.is_grad_enabled() and not zero3
     total = _zero_loss(hidden)
@@ -162,6 +210,7 @@ def chunk_loss(
         h, t = hidden[:, s : s + step].flatten(0, 1), target[:, s : s + step].flatten()
         if skip_unsupervised and not (t != IGNORE_INDEX).any():
             continue
-        ce = checkpoint(_ce_sum, head, h, t, use_reentrant=False) if recompute else _ce_sum(head, h, t)
+        once = [] if stats is None else [stats]
+        ce = checkpoint(_ce_sum, head, h, t, once, use_reentrant=False) if recompute else _ce_sum(head, h, t, once)
         total = total + ce
     return total / normalizer

@@ -35,8 +35,9 @@ from ds_chunk.attention import chunk_attention
 from ds_chunk.bnb import no_cpu_inference_packing
 from ds_chunk.chunking import IGNORE_INDEX, check_inputs, chunk_bounds, prepare_labels
 from ds_chunk.config import ChunkwiseConfig
+from ds_chunk.documents import Layout, check_packed, mask_dtype
 from ds_chunk.kv import ChunkCache, KVStore
-from ds_chunk.loss import auto_sub_chunk, chunk_loss
+from ds_chunk.loss import TokenStats, auto_sub_chunk, chunk_loss
 from ds_chunk.offload import SaveOnHost, side_stream
 from ds_chunk.rng import RngTape
 from ds_chunk.sampling import ChunkSampler, FixedDraw, GradientDraw
@@ -78,6 +79,7 @@ class ChunkResult:
     host_peak_bytes: int = 0
     loss_kind: str = "exact"
     inclusion: dict[int, float] = field(default_factory=dict)
+    token_stats: TokenStats | None = None
 
 
 class ChunkScheduler:
@@ -112,6 +114,8 @@ class ChunkScheduler:
         backward_fn: BackwardFn | None = None,
         forward_fn: ForwardFn | None = None,
         has_loss: list[bool] | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_stats: bool = False,
     ) -> ChunkResult:
         """Add d(loss)/d(param) to every trainable parameter's ``.grad``.
 
@@ -127,10 +131,16 @@ class ChunkScheduler:
         chunk holds a supervised token on any rank, for ranks that must run identical
         schedules (ZeRO-3 gathers parameters in every forward): the chunks replayed and
         the LM head calls then depend on it alone, not on this rank's labels.
+        position_ids: [B, T] or [1, T], as the model takes them; where they restart inside a
+        row (packed documents, e.g. TRL's padding-free batches) each document attends only to
+        itself, as in transformers' full forward (``documents.Layout``). token_stats: also
+        sum the supervised tokens' entropy and accuracy (``ChunkResult.token_stats``).
         """
         hf = unwrap(model)
         check_supported(hf, input_ids.shape[-1])
-        check_inputs(input_ids, attention_mask, max_positions(hf))
+        check_inputs(input_ids, attention_mask, max_positions(hf), position_ids)
+        layout = Layout.of(input_ids, position_ids)
+        check_packed(hf, layout)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: let attention take its fastest path
         target = prepare_labels(input_ids, labels, attention_mask)
@@ -152,11 +162,13 @@ class ChunkScheduler:
         self.calls += 1
 
         run = _ChunkRun(hf, self.config, input_ids, target, attention_mask, bounds, n, forward_fn, identical)
+        run.layout = layout
         kind = "exact" if self.sampler is None else self.sampler.config.report_loss
+        run.stats = TokenStats() if token_stats and kind == "exact" else None
         with (
             no_cpu_inference_packing(hf),
-            full_length_rope(hf, input_ids.shape[1]),
-            chunk_attention(hf, attention_mask is not None, input_ids.device),
+            full_length_rope(hf, layout.longest),
+            chunk_attention(hf, attention_mask is not None, input_ids.device, layout.packed) as run.fast,
         ):
             loss = run.forward_pass(draw, kind == "exact" and self.sampler is not None, has_loss)
             weights, replayed, weighted = run.replay(draw, backward_fn or self.backward_fn, boundary)
@@ -164,7 +176,8 @@ class ChunkScheduler:
             loss = loss + replayed  # the no-grad pass ran the LM head on the other chunks only
         loss = {"exact": loss, "estimate": weighted, "off": torch.tensor(float("nan"))}[kind]
         host = run.store.memory.peak
-        return ChunkResult(loss.detach(), n, len(bounds), sorted(weights), weights, host, kind, draw.inclusion)
+        stats = run.stats.total() if run.stats is not None and run.stats.complete else None
+        return ChunkResult(loss.detach(), n, len(bounds), sorted(weights), weights, host, kind, draw.inclusion, stats)
 
     def _plan(self, has_loss: list[bool], sampled: list[int] | None, step: int, rank: int):
         """The draw: the chunks to replay and their weights (``sampling.FixedDraw``), or the
@@ -245,6 +258,9 @@ class _ChunkRun:
         self.forward_fn = forward_fn or (lambda kwargs: self.decoder(**kwargs)[0])
         self.cache_key = cache_kwarg(self.decoder)
         self.input_ids, self.target, self.mask = input_ids, target, attention_mask
+        # set by the caller: the batch's layout, whether chunk_sdpa runs, the token stats asked for
+        self.layout, self.fast, self.stats = Layout.of(input_ids), False, None
+        self.mask_dtype = mask_dtype(self.decoder)
         self.bounds, self.normalizer = bounds, normalizer
         self.sub_chunk, self.truncate = config.loss_chunk_size, config.truncate
         text = text_config(hf)
@@ -268,17 +284,16 @@ class _ChunkRun:
         cache = ChunkCache(self.store, c, record)
         kwargs = {
             "input_ids": self.input_ids[:, s:e],
-            "attention_mask": None if self.mask is None else self.mask[:, :e],
-            "position_ids": torch.arange(s, e, device=self.input_ids.device).unsqueeze(0),
+            **self.layout.inputs(s, e, self.mask, self.fast, self.mask_dtype),
             "use_cache": True,
             self.cache_key: cache,
         }
         return self.forward_fn(kwargs), cache  # [B, e - s, H]
 
-    def loss(self, c: int, hidden: torch.Tensor) -> torch.Tensor:
+    def loss(self, c: int, hidden: torch.Tensor, stats: TokenStats | None = None) -> torch.Tensor:
         s, e = self.bounds[c]
         target = self.target[:, s:e]
-        args = (self.normalizer, self.sub_chunk, self.skip_unsupervised, self.kernel)
+        args = (self.normalizer, self.sub_chunk, self.skip_unsupervised, self.kernel, stats)
         return chunk_loss(self.lm_head, hidden, target, *args)
 
     @torch.no_grad()
@@ -296,7 +311,7 @@ class _ChunkRun:
             self.rng.record(c)
             h, _ = self.hidden(c, record=True)
             if want_loss and has_loss[c] and (draw.adaptive or c not in draw.weights):
-                loss += self.loss(c, h).double().cpu()
+                loss += self.loss(c, h, self.stats).double().cpu()
         self.rng.record(stop)  # what chunk `stop` sees, and the state we leave behind
         self.end = stop
         if not self.truncate:
@@ -331,7 +346,7 @@ class _ChunkRun:
                 h, cache = self.hidden(c, record=False)
                 if c == self.end:
                     after = self.rng.snapshot()
-                chunk = self.loss(c, h)
+                chunk = self.loss(c, h, None if draw.adaptive else self.stats)  # adaptive: counted in pass 1
                 inject = sum(
                     _CarriedGrad.apply(fk, g[0]) + _CarriedGrad.apply(fv, g[1])
                     for (fk, fv), g in ((cache.fresh[i], g) for i, g in enumerate(carried) if g is not None)

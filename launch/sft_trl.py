@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--deepspeed", help="DeepSpeed JSON; its chunkwise block sets the chunking")
     p.add_argument("--chunk-size", type=int, default=16, help="chunkwise.chunk_size when the JSON has no block")
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--packing", action="store_true", help="TRL's packing (bfd, padding-free: documents kept apart)")
     p.add_argument("--quant", choices=["none", "4bit", "8bit"], default="none")
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     p.add_argument("--max-steps", type=int, default=30)
@@ -39,7 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gradient-accumulation-steps", type=int, default=2)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--output-dir", default="runs/sft")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.packing and args.trainer != "trl":
+        p.error("--packing is SFTConfig's: it needs --trainer trl")
+    return args
 
 
 def load_pairs(path: str) -> list[dict]:
@@ -106,7 +110,9 @@ def main(argv: list[str] | None = None):
     if args.trainer == "trl":
         from trl import SFTConfig, SFTTrainer
 
-        config = SFTConfig(args.output_dir, max_length=args.max_length, completion_only_loss=True, **common)
+        config = SFTConfig(
+            args.output_dir, max_length=args.max_length, completion_only_loss=True, packing=args.packing, **common
+        )
         trainer = with_chunkwise(SFTTrainer)(
             model=model,
             args=config,

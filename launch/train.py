@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from ds_chunk import checkpoint, ops, run_folder  # noqa: E402
 from ds_chunk.config import OUR_BLOCKS, ChunkwiseConfig, ConfigError  # noqa: E402
 from ds_chunk.data import (  # noqa: E402
+    PACKING,
     NoSupervisedTokens,
     PasskeyTask,
     RecallTask,
@@ -57,6 +58,7 @@ TASKS = {
 TEXT_PASSKEY_HELD_OUT = 16  # held-out prompts of --task text-passkey
 MIN_EVAL_TOKENS = 100  # fewer supervised held-out tokens than this: the eval loss is said to be noise
 DEFAULT_STEPS = TASKS["recall"][2]  # --data runs without --max-steps / --epochs
+PACKED_AS = {"documents": "separate documents", "wrapped": "one stream, attending across texts"}
 
 
 def _number(kind, lo, hi=None, open_hi=False):
@@ -111,6 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d.add_argument("--eval-data", help="held-out JSONL / hf: source (default: --eval-fraction of --data)")
     d.add_argument("--eval-fraction", type=_number(float, 0.0, 1.0, open_hi=True), default=0.02,
                    help="records of --data held out for evaluation (at least 1; 0: none)")  # fmt: skip
+    d.add_argument("--packing", choices=PACKING, default="documents", help="--data texts in --seq-len blocks: "
+                   "documents (default): each text attends only to itself (position ids restart at each); wrapped: "
+                   "to the texts before it in the block, as TRL's packing_strategy='wrapped'")  # fmt: skip
     d.add_argument("--task", choices=list(TASKS), default="recall", help="built-in data (no --data): the "
                    "synthetic recall or passkey task, stdlib: bytes of Python's standard library, or text-passkey: "
                    "a pass key in words for a pretrained model (default SmolLM2-135M, RoPE x4)")  # fmt: skip
@@ -266,11 +271,13 @@ def build_data(args: argparse.Namespace, cfg: dict):
             warnings.warn(f"{args.data}: a single record, none held out: no evaluation", stacklevel=1)
     keep = sorted(set(range(len(records))) - set(held))
     tokenizer = load_tokenizer(cfg["model"]["name_or_path"])
-    train_set = TokenizedDataset([records[i] for i in keep], tokenizer, args.seq_len, [where[i] for i in keep])
+    train_set = TokenizedDataset(
+        [records[i] for i in keep], tokenizer, args.seq_len, [where[i] for i in keep], args.packing
+    )
     if not eval_records:
         return train_set, None
     try:
-        held_set = TokenizedDataset(eval_records, tokenizer, args.seq_len, eval_where)
+        held_set = TokenizedDataset(eval_records, tokenizer, args.seq_len, eval_where, args.packing)
     except NoSupervisedTokens:
         if args.eval_data:
             raise
@@ -336,6 +343,7 @@ def begin(args: argparse.Namespace, engine, steps: int, resume: str | None, cfg:
             if args.eval_only
             else f"; {steps} steps of {rows} sequences of <= {args.seq_len} tokens"
         )
+        + (f"; texts packed as {PACKED_AS[args.packing]} (--packing {args.packing})" if args.data else "")
         + f"; output {args.output_dir}"
         + (f"; resumed from {resume} at step {start}" if resume else "")
     )

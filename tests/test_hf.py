@@ -199,7 +199,7 @@ def _sft(cls, out, mode, chunkwise=None, bf16=False, dtype=torch.float32):
     import make_tiny_model
     from trl import SFTConfig
 
-    options, kind = SFT_MODES[mode] if mode in SFT_MODES else ({"packing": True, "packing_strategy": mode}, "text")
+    options, kind = SFT_MODES[mode] if isinstance(mode, str) else mode
     data, words = _sft_data(kind)
     tokenizer = make_tiny_model.make_tokenizer(words)
     tokenizer.chat_template = CHAT
@@ -207,7 +207,7 @@ def _sft(cls, out, mode, chunkwise=None, bf16=False, dtype=torch.float32):
     start = make_tiny_model.make_model(len(tokenizer), seed=0).to(dtype)
     args = SFTConfig(str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
                      learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=bf16,
-                     seed=0, dataloader_num_workers=0, max_length=48, **options)  # fmt: skip
+                     seed=0, dataloader_num_workers=0, **{"max_length": 48, **options})  # fmt: skip
     kw = {} if chunkwise is None else {"chunkwise": chunkwise}
     _fresh_accelerate()
     trainer = cls(model=model, args=args, train_dataset=data, processing_class=tokenizer, **kw)
@@ -232,11 +232,35 @@ def test_sft_trainer_label_conventions(tmp_path, mode):
     assert _update_err(ours.model, parent.model, start) < 1e-4
 
 
-def test_sft_padding_free_packing_is_refused(tmp_path):
+PACKED_MODES = {  # SFTConfig settings whose rows hold several documents, position_ids restarting at each
+    "bfd": ({"packing": True}, "text"),
+    "bfd_split": ({"packing": True, "packing_strategy": "bfd_split"}, "text"),
+    "padding_free": ({"padding_free": True, "max_length": None}, "text"),
+    "bfd_completion_only": ({"packing": True, "completion_only_loss": True}, "prompt"),
+    "bfd_assistant_only": ({"packing": True, "assistant_only_loss": True}, "messages"),
+}
+SFT_METRICS = ("loss", "entropy", "mean_token_accuracy", "num_tokens", "grad_norm")
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+@pytest.mark.parametrize("mode", list(PACKED_MODES))
+def test_sft_packed_documents_equal_the_parent(tmp_path, mode, chunk):
+    """TRL's padding-free rows (documents one after another, position_ids restarting, no
+    attention mask): the parent's full forward keeps the documents apart, and so must the
+    chunks, whether a chunk cuts a document (5) or holds several (64). Float64 both sides
+    (TRL's fused LM head still sums in float32), SGD so the update error is the gradient's
+    (Adam's eps turns that float32 rounding into update errors of ~2e-4); SFTTrainer's own
+    metrics, logged from the chunk pass, equal its own."""
     from trl import SFTTrainer
 
-    with pytest.raises(ChunkwiseTrainerError, match="SFTTrainer with ds_chunk: padding_free / packing_strategy 'bfd'"):
-        _sft(with_chunkwise(SFTTrainer), tmp_path, "bfd", chunkwise=CHUNK)
+    options, kind = PACKED_MODES[mode]
+    setting = ({**options, "optim": "sgd"}, kind)
+    parent, start = _sft(SFTTrainer, tmp_path / "a", setting, dtype=torch.float64)
+    ours, _ = _sft(with_chunkwise(SFTTrainer), tmp_path / "b", setting, {"chunk_size": chunk}, dtype=torch.float64)
+    for key in SFT_METRICS:
+        assert _losses(ours, key) == pytest.approx(_losses(parent, key), rel=1e-5), key
+    assert _update_err(ours.model, parent.model, start) < 1e-6
+    assert len(_losses(parent, "entropy")) == 3
 
 
 def test_resume_gives_the_same_losses_and_spaco_draws(tmp_path):
@@ -302,10 +326,10 @@ def test_what_cannot_be_chunked_is_refused(tmp_path):
     with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
         make(model=t5)
     trainer = make()
-    with pytest.raises(ChunkwiseTrainerError, match="position_ids.*restart inside a row"):
-        trainer._chunk_inputs(
-            {"input_ids": torch.zeros(1, 4, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 0, 1]])}
-        )
+    packed = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 0, 1]])}
+    assert trainer._chunk_inputs(packed)[3] is packed["position_ids"]  # packed documents: taken on
+    with pytest.raises(ChunkwiseTrainerError, match=r"cu_seq_lens_q'\] = \[0, 4\] disagrees .* \(\[0, 2, 4\]\)"):
+        trainer._chunk_inputs({**packed, "cu_seq_lens_q": torch.tensor([0, 4], dtype=torch.int32)})
     with pytest.raises(ChunkwiseTrainerError, match="inputs \\['token_type_ids'\\]"):
         trainer._chunk_inputs({"input_ids": torch.zeros(1, 4, dtype=torch.long), "token_type_ids": torch.zeros(1, 4)})
 
@@ -349,12 +373,16 @@ def test_two_ranks_equal_the_parent(tmp_path, zero):
     assert max(float((pa[k] - pb[k]).norm() / (pa[k] - start[k]).norm()) for k in pa) < 1e-4
 
 
-@pytest.mark.parametrize("which", ["trl", "hf"])
+@pytest.mark.parametrize("which", ["trl", "hf", "trl --packing"])
 def test_launch_example_runs_offline(tmp_path, which):
     sys.path.insert(0, os.path.join(ROOT, "launch"))
     import sft_trl
 
     _fresh_accelerate()
-    trainer, metrics = sft_trl.main(["--trainer", which, "--max-steps", "3", "--output-dir", str(tmp_path)])
+    argv = ["--trainer", *which.split(), "--max-steps", "3", "--output-dir", str(tmp_path)]
+    trainer, metrics = sft_trl.main(argv)
     assert trainer.chunkwise.chunk_size == 16 and trainer.state.global_step == 3
     assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-6)
+    if which.startswith("trl"):  # SFTTrainer's own metrics, in training and evaluation
+        assert 0 <= metrics["eval_mean_token_accuracy"] <= 1 and metrics["eval_entropy"] > 0
+        assert any("mean_token_accuracy" in h and "num_tokens" in h for h in trainer.state.log_history)

@@ -93,6 +93,26 @@ def test_float64_seco_equals_full_backprop(smol, norm64, what):
     assert max_rel_err(grads(model), want) < (1e-12 if what == "lora" else 1e-10)
 
 
+def test_float64_packed_documents_equal_each_alone(smol, norm64):
+    """Three texts packed in one row (position_ids restarting, TRL's padding-free layout), LoRA
+    on q,k,v,o, chunks of 96 cutting them: each document's own full backprop, summed."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    model = get_peft_model(_load(smol), lora)
+    ids, lengths = _text_ids(smol, 384), (100, 150, 134)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = ids.masked_fill(pos == 0, -100)
+    total = sum(
+        F.cross_entropy(model(input_ids=x).logits[0, :-1], x[0, 1:], reduction="sum") for x in ids.split(lengths, dim=1)
+    )
+    (total / (384 - 3)).backward()
+    want = grads(model)
+    model.zero_grad()
+    result = ChunkScheduler({"chunk_size": 96}).backward(model, ids, labels, position_ids=pos)
+    assert result.num_tokens == 384 - 3 and max_rel_err(grads(model), want) < 1e-12
+
+
 def test_nf4_lora_equals_full_backprop_on_the_same_quantized_model(smol):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -150,9 +170,12 @@ CHATS = [
 ]
 
 
-def test_sft_trainer_step_on_real_chats_equals_sft_trainer(smol, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["rows", "packed"])
+def test_sft_trainer_step_on_real_chats_equals_sft_trainer(smol, tmp_path, packing):
     """with_chunkwise(SFTTrainer) against SFTTrainer: the model's own tokenizer and chat template,
-    prompt/completion conversations (loss on the answer), 2 steps of 2 rows, chunk 16, SGD."""
+    prompt/completion conversations (loss on the answer), 2 steps of 2 rows, chunk 16, SGD;
+    packed: TRL's default packing (bfd, padding-free: the chats in one row), SFTTrainer's
+    entropy and token accuracy logged equal too."""
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -170,13 +193,15 @@ def test_sft_trainer_step_on_real_chats_equals_sft_trainer(smol, tmp_path):
     ):
         args = SFTConfig(str(tmp_path / name), per_device_train_batch_size=2, max_steps=2, learning_rate=0.05,
                          optim="sgd", lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
-                         use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0, max_length=128)  # fmt: skip
+                         use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0, max_length=128,
+                         packing=packing)  # fmt: skip
         trainer = cls(model=copy.deepcopy(start), args=args, train_dataset=Dataset.from_list(rows),
                       processing_class=tokenizer, **extra)  # fmt: skip
         trainer.train()
         trained[name] = trainer
-    losses = {k: [h["loss"] for h in t.state.log_history if "loss" in h] for k, t in trained.items()}
-    assert len(losses["ours"]) == 2 and losses["ours"] == pytest.approx(losses["parent"], rel=1e-4)
+    for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens"):
+        logged = {k: [h[key] for h in t.state.log_history if key in h] for k, t in trained.items()}
+        assert len(logged["ours"]) == 2 and logged["ours"] == pytest.approx(logged["parent"], rel=1e-4), key
     a, b = (dict(trained[k].model.named_parameters()) for k in ("parent", "ours"))
     s = dict(start.named_parameters())
     update = max(float((a[k] - b[k]).norm() / (a[k] - s[k]).norm()) for k in s if (a[k] - s[k]).norm() > 0)
