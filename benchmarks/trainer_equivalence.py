@@ -21,7 +21,10 @@ from ds_chunk.hf import ChunkwiseTrainer, with_chunkwise  # noqa: E402
 
 
 def loss_err(a, b, key="loss") -> float:
-    return max(abs(x - y) / abs(y) for x, y in zip(t._losses(a, key), t._losses(b, key)))
+    """Largest relative error of a logged value over the steps (absolute where b's is 0)."""
+    ours, parent = t._losses(a, key), t._losses(b, key)
+    assert len(ours) == len(parent) > 0, f"{key}: logged {len(ours)} times, the parent {len(parent)}"
+    return max(abs(x - y) / (abs(y) or 1.0) for x, y in zip(ours, parent))
 
 
 def trainer_case(tmp, **args):

@@ -81,14 +81,17 @@ class Layout:
         self._segments[s, e] = tuple(rows)
         return self._segments[s, e]
 
-    def mask(self, s: int, e: int, attention_mask: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor:
+    def mask(self, s: int, e: int, attention_mask, dtype: torch.dtype | None, window: int | None = None):
         """[B, 1, e - s, e] attention mask of chunk s..e-1 over keys 0..e-1: causal, within the
-        document, not on padding. Boolean (True: attend) for dtype None, else additive in dtype
+        document, not on padding, within ``window`` tokens (as transformers' sliding window:
+        key > query - window). Boolean (True: attend) for dtype None, else additive in dtype
         (0 or its minimum, as transformers' eager masks). Packed rows only. A padding query
         still sees itself: no row is empty (a boolean SDPA mask would give NaN there)."""
         q = torch.arange(s, e, device=self.position_ids.device)
         k = torch.arange(e, device=q.device)
         allowed = (k <= q[:, None]) & (k >= self.starts[:, s:e, None])  # [B, C, e]
+        if window is not None:
+            allowed = allowed & (k > q[:, None] - window)
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, :e].bool() | (k == q[:, None])
         allowed = allowed[:, None]
@@ -96,11 +99,10 @@ class Layout:
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=q.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
-    def inputs(self, s: int, e: int, attention_mask: torch.Tensor | None, fast: bool, mask_dtype) -> dict:
-        """position_ids and attention_mask (2D, or 4D for packed rows) of the decoder's call on
-        chunk s..e-1; where ``chunk_sdpa`` runs (``fast``) it is handed the chunk's segments
-        instead of a mask. mask_dtype: None for a boolean 4D mask (sdpa), else the additive
-        mask's dtype (eager; ``mask_dtype``)."""
+    def inputs(self, s: int, e: int, attention_mask: torch.Tensor | None, fast: bool, masks: MaskKind) -> dict:
+        """position_ids and attention_mask (2D, or for packed rows 4D: one, or one per layer
+        type, as ``masks`` says) of the decoder's call on chunk s..e-1; where ``chunk_sdpa``
+        runs (``fast``) it is handed the chunk's segments instead of a mask."""
         out = {"position_ids": self.positions(s, e)}
         if not self.packed:
             out["attention_mask"] = None if attention_mask is None else attention_mask[:, :e]
@@ -110,13 +112,14 @@ class Layout:
             out["attention_mask"] = None
             set_segments(self.segments(s, e))
         else:
-            out["attention_mask"] = self.mask(s, e, attention_mask, mask_dtype)
+            made = {kind: self.mask(s, e, attention_mask, masks.dtype, w) for kind, w in masks.windows.items()}
+            out["attention_mask"] = made[None] if None in made else made
         return out
 
 
 def check_packed(model, layout: Layout) -> None:
-    """Packed rows need attention that takes their mask: sdpa or eager, no sliding window, no
-    ALiBi made from a 2D mask (Bloom, Falcon with alibi). The family sweep runs every other
+    """Packed rows need attention that takes their mask: sdpa or eager, no ALiBi made from a
+    2D mask (Bloom, Falcon with alibi). The family sweep runs every other
     family of tests/families.py packed (tests/test_families.py)."""
     if not layout.packed:
         return
@@ -130,26 +133,37 @@ def check_packed(model, layout: Layout) -> None:
             f"{name}: packed rows (position_ids restart inside a row) with attn_implementation={impl!r}: ds_chunk "
             "separates documents for 'sdpa' and 'eager' only; load the model with attn_implementation='sdpa'"
         )
-    sliding = "sliding_attention" in (getattr(cfg, "layer_types", None) or ()) or (
-        getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True)
-    )
     if getattr(cfg, "model_type", None) == "bloom" or getattr(cfg, "alibi", False) is True:
         raise ValueError(
             f"{name}: packed rows (position_ids restart inside a row) with ALiBi: its bias is built from a 2D "
             "attention mask, which cannot keep documents apart; pack with packing_strategy='wrapped' or not at all"
         )
-    if sliding:
-        raise ValueError(
-            f"{name}: packed rows (position_ids restart inside a row) with sliding-window attention are not "
-            "supported; pack without restarting positions (packing_strategy='wrapped') or one document per row"
+
+
+@dataclass(frozen=True)
+class MaskKind:
+    """The 4D masks a decoder takes for packed rows. dtype: None (boolean) for sdpa, else the
+    embeddings' dtype, as transformers' additive eager masks. windows: layer type -> sliding
+    window (None: full attention) for a decoder with ``layer_types`` (a dict of masks, as its
+    own mask creation makes), else {None: window or None} (one mask)."""
+
+    dtype: torch.dtype | None
+    windows: dict
+
+    @classmethod
+    def of(cls, decoder) -> MaskKind:
+        from ds_chunk.adapter import text_config
+
+        cfg = text_config(decoder)
+        dtype = (
+            None
+            if getattr(cfg, "_attn_implementation", None) == "sdpa"
+            else decoder.get_input_embeddings().weight.dtype
         )
-
-
-def mask_dtype(model) -> torch.dtype | None:
-    """The 4D mask's dtype for ``model``'s attention: None (boolean) for sdpa, else the
-    embeddings' dtype, as transformers' additive eager masks."""
-    from ds_chunk.adapter import text_config
-
-    if getattr(text_config(model), "_attn_implementation", None) == "sdpa":
-        return None
-    return model.get_input_embeddings().weight.dtype
+        window = getattr(cfg, "sliding_window", None)
+        types = set(getattr(cfg, "layer_types", None) or ())
+        if "sliding_attention" in types:
+            return cls(dtype, {t: window if t == "sliding_attention" else None for t in types})
+        if types == {"full_attention"} or not getattr(cfg, "use_sliding_window", True):
+            window = None
+        return cls(dtype, {None: window})

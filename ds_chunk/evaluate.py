@@ -12,7 +12,7 @@ from ds_chunk.adapter import cache_kwarg, full_length_rope, lm_head, text_config
 from ds_chunk.attention import chunk_attention
 from ds_chunk.bnb import no_cpu_inference_packing
 from ds_chunk.chunking import IGNORE_INDEX, chunk_bounds, prepare_labels
-from ds_chunk.documents import Layout, check_packed, mask_dtype
+from ds_chunk.documents import Layout, MaskKind, check_packed
 from ds_chunk.kv import ChunkCache, KVStore
 from ds_chunk.loss import auto_sub_chunk
 
@@ -72,12 +72,12 @@ def _accumulate(hf: nn.Module, batch: dict, chunk_size: int, totals: dict) -> No
     store, key, step = KVStore(text.num_hidden_layers), cache_kwarg(decoder), auto_sub_chunk(text.vocab_size)
     row_wrong = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     padded = mask is not None and not bool(mask.all())
-    dtype = mask_dtype(decoder)
+    masks = MaskKind.of(decoder)
     with chunk_attention(hf, padded, device, layout.packed) as fast, full_length_rope(hf, layout.longest):
         for c, (s, e) in enumerate(chunk_bounds(ids.shape[1], chunk_size)):
             hidden = decoder(
                 input_ids=ids[:, s:e],
-                **layout.inputs(s, e, mask if padded else None, fast, dtype),
+                **layout.inputs(s, e, mask if padded else None, fast, masks),
                 use_cache=True,
                 **{key: ChunkCache(store, c, record=True)},
             )[0]

@@ -185,20 +185,23 @@ class _ChunkwiseMixin:
         """What SFTTrainer.compute_loss logs in training: entropy and mean_token_accuracy over
         the supervised tokens of the micro-batch, all ranks (not where the loss is a SpaCO
         estimate or a fused kernel made no logits), and the running num_tokens."""
-        metrics, gather = self._metrics["train"], self.accelerator.gather_for_metrics
         if stats is not None:
-            device = self.args.device
-            valid = float(gather(torch.tensor(float(stats.tokens), device=device)).sum())
-            entropy = float(gather(torch.tensor(stats.entropy, device=device)).sum())
-            correct = float(gather(torch.tensor(float(stats.correct), device=device)).sum())
-            metrics["entropy"].append(entropy / valid if valid > 0 else 0.0)
-            metrics["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
+            self._token_metrics("train", stats.tokens, stats.entropy, stats.correct)
+        gather = self.accelerator.gather_for_metrics
         if "attention_mask" in inputs:
             tokens = gather(inputs["attention_mask"].sum()).sum().item()
         else:  # padding-free: every position is a token
             tokens = gather(torch.tensor(inputs["input_ids"].size(1), device=self.args.device)).sum().item()
         self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)
-        metrics["num_tokens"] = [self._total_train_tokens]
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
+    def _token_metrics(self, mode: str, tokens: float, entropy: float, correct: float) -> None:
+        """SFTTrainer's entropy and mean_token_accuracy from this rank's sums: summed over all
+        ranks, divided by all ranks' supervised tokens, appended to its per-step lists."""
+        sums = torch.tensor([float(tokens), float(entropy), float(correct)], device=self.args.device)
+        valid, entropy, correct = self.accelerator.gather_for_metrics(sums[None]).sum(0).tolist()
+        self._metrics[mode]["entropy"].append(entropy / valid if valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
 
     def _chunk_inputs(self, inputs: dict) -> tuple:
         """(input_ids, labels, attention_mask, position_ids); refuses inputs a chunk-wise step would drop."""
@@ -251,11 +254,8 @@ class _ChunkwiseMixin:
         with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
             metrics = evaluate(unwrap(model), [batch], self.chunkwise.chunk_size)
         if self._sft:  # as SFTTrainer.compute_loss logs them in evaluation
-            gather, device, n = self.accelerator.gather_for_metrics, self.args.device, metrics["tokens"]
-            valid = float(gather(torch.tensor(float(n), device=device)).sum())
-            for key, ours in (("entropy", "entropy"), ("mean_token_accuracy", "token_accuracy")):
-                total = float(gather(torch.tensor(metrics[ours] * n, device=device)).sum())
-                self._metrics["eval"][key].append(total / valid if valid > 0 else 0.0)
+            n = metrics["tokens"]
+            self._token_metrics("eval", n, metrics["entropy"] * n, metrics["token_accuracy"] * n)
         return torch.tensor(metrics["loss"], device=self.args.device), None, None
 
     def evaluation_loop(self, *args, **kwargs):

@@ -35,7 +35,7 @@ from ds_chunk.attention import chunk_attention
 from ds_chunk.bnb import no_cpu_inference_packing
 from ds_chunk.chunking import IGNORE_INDEX, check_inputs, chunk_bounds, prepare_labels
 from ds_chunk.config import ChunkwiseConfig
-from ds_chunk.documents import Layout, check_packed, mask_dtype
+from ds_chunk.documents import Layout, MaskKind, check_packed
 from ds_chunk.kv import ChunkCache, KVStore
 from ds_chunk.loss import TokenStats, auto_sub_chunk, chunk_loss
 from ds_chunk.offload import SaveOnHost, side_stream
@@ -260,7 +260,7 @@ class _ChunkRun:
         self.input_ids, self.target, self.mask = input_ids, target, attention_mask
         # set by the caller: the batch's layout, whether chunk_sdpa runs, the token stats asked for
         self.layout, self.fast, self.stats = Layout.of(input_ids), False, None
-        self.mask_dtype = mask_dtype(self.decoder)
+        self.mask_kind = MaskKind.of(self.decoder)  # packed rows: the 4D masks it takes
         self.bounds, self.normalizer = bounds, normalizer
         self.sub_chunk, self.truncate = config.loss_chunk_size, config.truncate
         text = text_config(hf)
@@ -284,7 +284,7 @@ class _ChunkRun:
         cache = ChunkCache(self.store, c, record)
         kwargs = {
             "input_ids": self.input_ids[:, s:e],
-            **self.layout.inputs(s, e, self.mask, self.fast, self.mask_dtype),
+            **self.layout.inputs(s, e, self.mask, self.fast, self.mask_kind),
             "use_cache": True,
             self.cache_key: cache,
         }

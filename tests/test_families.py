@@ -64,6 +64,35 @@ def test_family_is_exact_or_refused(name):
     assert abs(float(result.loss) - ref.item()) < tol * ref.item()
 
 
+# Packed rows (position_ids restarting at each document): what must be refused instead
+REFUSED_PACKED = {"bloom": "BloomForCausalLM: packed rows", "falcon_alibi": "FalconForCausalLM: packed rows"}
+DOCUMENTS = [[10, 3, 20, 12], [30, 14, 1]]  # per row; 20 and 30 > the window of 16
+
+
+@pytest.mark.parametrize("name", sorted(set(FAMILIES) - set(REFUSED)))
+def test_family_packed_rows_equal_each_document_alone(name):
+    """Packed rows against each document run alone (the sliding window really cuts)."""
+    model = build(name)
+    if name in SAMPLING:
+        model.eval()
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in DOCUMENTS])
+    labels = IDS.masked_fill(pos == 0, -100)
+    if name in REFUSED_PACKED:
+        with pytest.raises(ValueError, match=re.escape(REFUSED_PACKED[name]) + ".* with ALiBi"):
+            ChunkScheduler({"chunk_size": 8}).backward(model, IDS, labels, position_ids=pos)
+        return
+    total = 0.0
+    for ids, row, docs in zip(IDS, labels, DOCUMENTS):
+        for x, y in zip(ids.split(docs), row.split(docs)):
+            logits = model(input_ids=x[None]).logits[0, :-1]
+            total = total + F.cross_entropy(logits, y[1:], ignore_index=-100, reduction="sum")
+    (total / int((labels[:, 1:] != -100).sum())).backward()
+    want = _grads(model)
+    model.zero_grad(set_to_none=True)
+    ChunkScheduler({"chunk_size": 8}).backward(model, IDS, labels, position_ids=pos)
+    assert _max_rel_err(_grads(model), want) < (1e-6 if name in FLOAT32_INSIDE else 1e-12)
+
+
 def _bert():
     from transformers import BertConfig, BertLMHeadModel
 

@@ -77,6 +77,35 @@ def test_packed_and_padded_rows_and_one_position_row_for_all():
     assert max_rel_err(grads(model), g_ref) < 1e-12
 
 
+def test_spaco_on_packed_rows_is_exactly_unbiased():
+    """Every bernoulli draw of 5 chunks (of 9 tokens) enumerated with its probability: the
+    expected gradient equals the documents' own, whichever documents a draw leaves out."""
+    import itertools
+    import math
+
+    model = tiny_model("llama")
+    ids, labels, pos = _packed()
+    _per_document(model, ids, labels).backward()
+    want = grads(model)
+    model.zero_grad()
+    expected = None
+    for r in range(6):
+        for subset in itertools.combinations(range(5), r):
+            prob = 0.4 ** len(subset) * 0.6 ** (5 - len(subset))
+            scheduler = ChunkScheduler({"chunk_size": 9, "sparse": {"rate": 0.4}})
+            scheduler.backward(model, ids, labels, position_ids=pos, sampled=list(subset))
+            g = (
+                {k: prob * v for k, v in grads(model).items()}
+                if any(p.grad is not None for p in model.parameters())
+                else {}
+            )
+            expected = g if expected is None else {k: expected.get(k, 0) + g.get(k, 0) for k in want}
+            model.zero_grad()
+    assert math.isclose(sum(0.4**r * 0.6 ** (5 - r) * math.comb(5, r) for r in range(6)), 1.0)
+    # as tests/test_spaco.py: draws weighted up to 2.5^5 cancel, amplifying HF's float32 RMSNorm rounding
+    assert max_rel_err(expected, want) < 1e-6
+
+
 def test_token_stats_equal_the_full_logits():
     """Entropy and argmax hits over the supervised tokens (SFTTrainer's metrics), from the
     fused head in sub-chunks and from a LoRA head run as a module under checkpointing."""
@@ -108,10 +137,10 @@ def test_evaluate_packed_rows():
 
 def test_what_packed_rows_cannot_take():
     ids, labels, pos = _packed()
-    with pytest.raises(ValueError, match="sliding-window attention are not supported"):
-        ChunkScheduler({"chunk_size": 8}).backward(
-            tiny_model("mistral", sliding_window=8), ids, labels, position_ids=pos
-        )
+    flash = tiny_model("llama")
+    flash.config._attn_implementation_internal = "flash_attention_2"  # its varlen path: not built (no GPU here)
+    with pytest.raises(ValueError, match="attn_implementation='flash_attention_2': ds_chunk separates documents"):
+        ChunkScheduler({"chunk_size": 8}).backward(flash, ids, labels, position_ids=pos)
     with pytest.raises(ValueError, match=r"position_ids shape \(3, 45\): expected \[2, 45\] or \[1, 45\]"):
         ChunkScheduler({"chunk_size": 8}).backward(tiny_model("llama"), ids, labels, position_ids=pos[[0, 1, 1]])
     with pytest.raises(ValueError, match="sequence of 585 tokens exceeds the 512 positions"):
