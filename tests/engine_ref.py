@@ -58,11 +58,45 @@ def two_rank_batches(steps: int = 2, seq: int = 40):
     return out
 
 
+PACKED_DOCS = [[10, 18, 12], [8, 22]]  # two_rank_batches' rows as packed documents (row 1: 30 tokens)
+
+
+def packed(batches):
+    """two_rank_batches as padding-free packed rows: (input_ids, labels, attention_mask,
+    position_ids) per step, position ids restarting at each document (0 on the padding), each
+    document's first token unsupervised (as TRL's collator)."""
+    out = []
+    for ids, labels, mask in batches:
+        pos = torch.zeros_like(ids)
+        for row, docs in enumerate(PACKED_DOCS):
+            pos[row, : sum(docs)] = torch.cat([torch.arange(n) for n in docs])
+        starts = torch.zeros_like(mask, dtype=torch.bool)
+        for row, docs in enumerate(PACKED_DOCS):
+            starts[row, torch.tensor([0, *docs[:-1]]).cumsum(0)] = True
+        out.append((ids, labels.masked_fill(starts, -100), mask, pos))
+    return out
+
+
+def _loss(model, ids, target, mask, positions) -> torch.Tensor:
+    """Mean CE over the supervised tokens of all rows; with positions, each row's real tokens
+    run as transformers' packed forward (position_ids, no mask, no cache: documents apart)."""
+    if positions is None:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), target[:, 1:].flatten(), ignore_index=-100)
+    total = 0.0
+    for row in range(ids.shape[0]):
+        n = ids.shape[1] if mask is None else int(mask[row].sum())
+        logits = model(input_ids=ids[row : row + 1, :n], position_ids=positions[row : row + 1, :n], use_cache=False)
+        total = total + F.cross_entropy(logits.logits[0, :-1], target[row, 1:n], ignore_index=-100, reduction="sum")
+    return total / int((target[:, 1:] != -100).sum())
+
+
 def reference_steps(
     model: torch.nn.Module,
     batches: list[torch.Tensor],
     labels: list[torch.Tensor] | None = None,
     masks: list[torch.Tensor] | None = None,
+    positions: list[torch.Tensor] | None = None,
 ) -> tuple[torch.nn.Module, list[float]]:
     """Plain full-sequence backprop + torch AdamW on a copy, one step per batch: (trained copy, losses)."""
     model = copy.deepcopy(model)
@@ -71,8 +105,8 @@ def reference_steps(
     losses = []
     for i, ids in enumerate(batches):
         target = ids if labels is None else labels[i]
-        logits = model(input_ids=ids, attention_mask=None if masks is None else masks[i]).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), target[:, 1:].flatten(), ignore_index=-100)
+        mask, pos = (None if x is None else x[i] for x in (masks, positions))
+        loss = _loss(model, ids, target, mask, pos)
         loss.backward()
         opt.step()
         opt.zero_grad()

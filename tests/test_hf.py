@@ -242,24 +242,25 @@ PACKED_MODES = {  # SFTConfig settings whose rows hold several documents, positi
 SFT_METRICS = ("loss", "entropy", "mean_token_accuracy", "num_tokens", "grad_norm")
 
 
-@pytest.mark.parametrize("chunk", [5, 64])
+@pytest.mark.parametrize("chunk, dtype", [(5, torch.float64), (64, torch.float64), (5, torch.float32)])
 @pytest.mark.parametrize("mode", list(PACKED_MODES))
-def test_sft_packed_documents_equal_the_parent(tmp_path, mode, chunk):
+def test_sft_packed_documents_equal_the_parent(tmp_path, mode, chunk, dtype):
     """TRL's padding-free rows (documents one after another, position_ids restarting, no
     attention mask): the parent's full forward keeps the documents apart, and so must the
-    chunks, whether a chunk cuts a document (5) or holds several (64). Float64 both sides
-    (TRL's fused LM head still sums in float32), SGD so the update error is the gradient's
-    (Adam's eps turns that float32 rounding into update errors of ~2e-4); SFTTrainer's own
-    metrics, logged from the chunk pass, equal its own."""
+    chunks, whether a chunk cuts a document (5) or holds several (64). SGD, so the update
+    error is the gradient's (Adam's eps turns float32 rounding of near-zero gradient entries
+    into update errors of ~2e-4); float64 (TRL's fused LM head still sums in float32) and
+    float32. SFTTrainer's own metrics, logged from the chunk pass, equal its own."""
     from trl import SFTTrainer
 
     options, kind = PACKED_MODES[mode]
     setting = ({**options, "optim": "sgd"}, kind)
-    parent, start = _sft(SFTTrainer, tmp_path / "a", setting, dtype=torch.float64)
-    ours, _ = _sft(with_chunkwise(SFTTrainer), tmp_path / "b", setting, {"chunk_size": chunk}, dtype=torch.float64)
+    parent, start = _sft(SFTTrainer, tmp_path / "a", setting, dtype=dtype)
+    ours, _ = _sft(with_chunkwise(SFTTrainer), tmp_path / "b", setting, {"chunk_size": chunk}, dtype=dtype)
     for key in SFT_METRICS:
         assert _losses(ours, key) == pytest.approx(_losses(parent, key), rel=1e-5), key
-    assert _update_err(ours.model, parent.model, start) < 1e-6
+    # measured: float64 1.5e-7, float32 2e-5 to 9e-5
+    assert _update_err(ours.model, parent.model, start) < (1e-6 if dtype == torch.float64 else 3e-4)
     assert len(_losses(parent, "entropy")) == 3
 
 

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import torch
-from engine_ref import lora_model, reference_steps, spaco_reference, two_rank_batches
+from engine_ref import lora_model, packed, reference_steps, spaco_reference, two_rank_batches
 from models import tiny_model
 
 from ds_chunk.ops import SHM_DIR, SHM_PREFIX
@@ -72,6 +72,18 @@ def test_two_ranks_equal_one_process_with_both_rows(tmp_path, name):
     result, _ = _two_ranks(tmp_path, *flags)
     assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
     assert _param_err(result["params"], ref, "--full" in flags) < 1e-4
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_packed_rows_equal_one_process(tmp_path, stage):
+    """Each rank a padding-free row of packed documents (3 of 40 tokens, 2 of 30: under ZeRO-3
+    padded to 40 with position 0) against one process running each row as transformers'
+    packed forward (documents apart)."""
+    steps = packed(two_rank_batches())
+    ref, ref_losses = reference_steps(lora_model(), *([s[i] for s in steps] for i in range(4)))
+    result, _ = _two_ranks(tmp_path, "--stage", str(stage), "--packed")
+    assert result["losses"] == pytest.approx(ref_losses, rel=1e-5)
+    assert _param_err(result["params"], ref) < 1e-4
 
 
 def test_one_gradient_reduction_per_step_whatever_the_chunks(tmp_path):

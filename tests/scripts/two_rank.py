@@ -14,7 +14,7 @@ import deepspeed.comm as dist
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine_ref import ds_config, lora_model, two_rank_batches  # noqa: E402
+from engine_ref import ds_config, lora_model, packed, two_rank_batches  # noqa: E402
 from models import tiny_model  # noqa: E402
 
 import ds_chunk  # noqa: E402
@@ -30,6 +30,7 @@ parser.add_argument("--chunk", type=int, default=16)
 parser.add_argument("--spaco", type=float, help="SpaCO rate")
 parser.add_argument("--nan-steps", type=int, nargs="*", default=[], help="steps whose forward turns NaN on rank 1")
 parser.add_argument("--steps", type=int, default=2)
+parser.add_argument("--packed", action="store_true", help="packed documents, each rank's row unpadded")
 parser.add_argument("--plain", action="store_true", help="DeepSpeed's own unchunked step, to compare collectives")
 parser.add_argument("--local_rank", type=int, default=0)  # appended by the deepspeed launcher
 args = parser.parse_args()
@@ -65,7 +66,8 @@ for name in NAMES:  # DeepSpeed's collectives (ds_chunk's own all-reduces go to 
         setattr(dist, name, counting(name, getattr(dist, name)))
 
 losses, skipped = [], []
-for step, (ids, labels, mask) in enumerate(two_rank_batches(args.steps)):
+batches = two_rank_batches(args.steps)
+for step, (ids, labels, mask, *pos) in enumerate(packed(batches) if args.packed else batches):
     poison = None
     if step in args.nan_steps and rank == 1:  # a non-finite forward on one rank only
         embed = engine.hf_model.get_input_embeddings()
@@ -78,6 +80,10 @@ for step, (ids, labels, mask) in enumerate(two_rank_batches(args.steps)):
             engine.backward(out.loss)
             engine.step()
             loss = out.loss.detach()
+        elif args.packed:  # padding-free: this rank's real tokens only (ZeRO-3 pads them to the longer row)
+            n = int(mask[rank].sum())
+            batch = {"input_ids": ids[rows, :n], "labels": labels[rows, :n], "position_ids": pos[0][rows, :n]}
+            loss = engine.train_batch(batch)
         else:
             loss = engine.train_batch({"input_ids": ids[rows], "labels": labels[rows], "attention_mask": mask[rows]})
     except FloatingPointError as e:
