@@ -255,6 +255,13 @@ def max_positions(model: nn.Module) -> int | None:
     return longest
 
 
+def uses_rope(model: nn.Module) -> bool:
+    """Whether positions reach the model through a rotary embedding only (no position table or
+    ALiBi sized by the longest sequence): a packed row may then outgrow the trained length, as
+    long as its documents do not."""
+    return any("rotary" in type(m).__name__.lower() for m in model.modules())
+
+
 def _length_dependent_rope(module: nn.Module) -> list[str | None]:
     """The layer types (None: the only one) whose RoPE frequencies depend on the sequence length."""
     rope_type = getattr(module, "rope_type", None)

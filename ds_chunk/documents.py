@@ -7,7 +7,9 @@ them apart: a new document starts wherever a position id is not its predecessor'
 (``masking_utils.find_packed_sequence_indices``), and a token attends only to the earlier
 tokens of its own document. A chunk gets the same: its own position ids (RoPE), and attention
 to its document's part of the prefix and of the chunk, as segments for ``attention.chunk_sdpa``
-or as a 4D mask for the other attention implementations.
+or as a 4D mask for the other attention implementations. Unlike transformers, which looks for
+packed rows only when no attention mask is given, ds_chunk keeps the documents apart whenever
+the position ids restart, padding mask or not (launch/train.py's batches carry both).
 """
 
 from __future__ import annotations
@@ -117,11 +119,11 @@ class Layout:
         return out
 
 
-def check_packed(model, layout: Layout) -> None:
+def check_packed(model, packed: bool) -> None:
     """Packed rows need attention that takes their mask: sdpa or eager, no ALiBi made from a
-    2D mask (Bloom, Falcon with alibi). The family sweep runs every other
-    family of tests/families.py packed (tests/test_families.py)."""
-    if not layout.packed:
+    2D mask (Bloom, Falcon with alibi). The family sweep runs every other family of
+    tests/families.py packed (tests/test_families.py)."""
+    if not packed:
         return
     from ds_chunk.adapter import text_config
 
@@ -136,7 +138,8 @@ def check_packed(model, layout: Layout) -> None:
     if getattr(cfg, "model_type", None) == "bloom" or getattr(cfg, "alibi", False) is True:
         raise ValueError(
             f"{name}: packed rows (position_ids restart inside a row) with ALiBi: its bias is built from a 2D "
-            "attention mask, which cannot keep documents apart; pack with packing_strategy='wrapped' or not at all"
+            "attention mask, which cannot keep documents apart; pack without restarting positions (TRL: "
+            "packing_strategy='wrapped'; launch/train.py: --packing wrapped) or not at all"
         )
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from ds_chunk.chunking import IGNORE_INDEX, chunk_bounds, prepare_labels
 from ds_chunk.config import OUR_BLOCKS, ChunkwiseConfig
+from ds_chunk.documents import Layout, check_packed
 from ds_chunk.kv import ChunkCache
 from ds_chunk.ops import announce_op_builds
 from ds_chunk.scheduler import ChunkScheduler, LocalGrads
@@ -235,10 +236,10 @@ class ChunkwiseEngine:
         gas = self.engine.gradient_accumulation_steps()
         if ids.shape[0] % gas:
             raise ValueError(f"batch of {ids.shape[0]} rows does not split into gradient_accumulation_steps={gas}")
-        if pos is not None:
-            pos = pos.expand(ids.shape[0], -1) if pos.dim() == 2 and pos.shape[0] == 1 else pos
         ids, labels, mask, pos = (None if t is None else t.to(self.engine.device) for t in (ids, labels, mask, pos))
         rank, world = self.rank_and_world()
+        if pos is not None:
+            pos = self._positions(ids, pos)
         if self.zero3:
             ids, labels, mask, pos = self._common_length(ids, labels, mask, pos)
         # Mean over all supervised tokens of the step on all ranks; DeepSpeed averages
@@ -281,7 +282,17 @@ class ChunkwiseEngine:
         if pad == 0:
             return ids, labels, mask, pos
         padded = [F.pad(t, (0, pad), value=v) for t, v in ((ids, 0), (labels, IGNORE_INDEX), (mask, 0))]
-        return *padded, None if pos is None else F.pad(pos, (0, pad), value=0)
+        if pos is not None:  # the positions go on: padding never makes a row look packed
+            pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, pad + 1, device=pos.device)], dim=1)
+        return *padded, pos
+
+    def _positions(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """position_ids as [rows, T]; packed rows refused by every rank together where the model
+        cannot keep documents apart (one all-reduce), so no rank waits for one that stopped."""
+        pos = pos.reshape(-1, pos.shape[-1]).expand(ids.shape[0], -1) if pos.dim() == 1 or pos.shape[0] == 1 else pos
+        packed = torch.tensor(float(Layout.of(ids, pos).packed), device=ids.device)
+        check_packed(self.hf_model, bool(self._all_reduce(packed, torch.distributed.ReduceOp.MAX) > 0))
+        return pos
 
     def _schedule(self, ids, labels, mask) -> list[bool] | None:
         """ZeRO-3: whether each chunk holds a supervised token on any rank (None otherwise)."""

@@ -66,7 +66,7 @@ def _accumulate(hf: nn.Module, batch: dict, chunk_size: int, totals: dict) -> No
     )
     target = prepare_labels(ids, labels, mask)
     layout = Layout.of(ids, pos)
-    check_packed(hf, layout)
+    check_packed(hf, layout.packed)
     decoder, head = hf.get_decoder(), lm_head(hf)
     text = text_config(hf)
     store, key, step = KVStore(text.num_hidden_layers), cache_kwarg(decoder), auto_sub_chunk(text.vocab_size)

@@ -30,6 +30,7 @@ from torch import nn
 
 from ds_chunk.adapter import UnsupportedModelError, check_supported, unwrap
 from ds_chunk.config import ChunkwiseConfig
+from ds_chunk.documents import check_packed
 from ds_chunk.engine import boundary_backward, check_engine, chunk_modes, refuse_float_quant_storage
 from ds_chunk.neftune import row_noise
 from ds_chunk.scheduler import ChunkScheduler, LocalGrads
@@ -136,6 +137,11 @@ class _ChunkwiseMixin:
         if _is_sft(loss_owner):
             if getattr(args, "loss_type", "nll") != "nll":
                 refuse(f"loss_type = {args.loss_type!r}", "only 'nll' (cross-entropy) is chunked")
+            if getattr(self, "padding_free", False):  # packed rows in every batch: refuse now, not at step 1
+                try:
+                    check_packed(unwrap(self.model), True)
+                except ValueError as e:
+                    refuse("padding_free / packing_strategy 'bfd'", str(e))
             if getattr(self, "aux_loss_enabled", False):
                 refuse("router_aux_loss_coef (MoE load-balancing loss)", "not chunked yet; set it to 0")
             if getattr(args, "activation_offloading", False):
@@ -256,6 +262,7 @@ class _ChunkwiseMixin:
         if self._sft:  # as SFTTrainer.compute_loss logs them in evaluation
             n = metrics["tokens"]
             self._token_metrics("eval", n, metrics["entropy"] * n, metrics["token_accuracy"] * n)
+            self._metrics["eval"]["num_tokens"] = [self._total_train_tokens]
         return torch.tensor(metrics["loss"], device=self.args.device), None, None
 
     def evaluation_loop(self, *args, **kwargs):

@@ -30,6 +30,7 @@ from ds_chunk.adapter import (
     max_positions,
     text_config,
     unwrap,
+    uses_rope,
 )
 from ds_chunk.attention import chunk_attention
 from ds_chunk.bnb import no_cpu_inference_packing
@@ -138,9 +139,9 @@ class ChunkScheduler:
         """
         hf = unwrap(model)
         check_supported(hf, input_ids.shape[-1])
-        check_inputs(input_ids, attention_mask, max_positions(hf), position_ids)
+        check_inputs(input_ids, attention_mask, max_positions(hf), position_ids if uses_rope(hf) else None)
         layout = Layout.of(input_ids, position_ids)
-        check_packed(hf, layout)
+        check_packed(hf, layout.packed)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: let attention take its fastest path
         target = prepare_labels(input_ids, labels, attention_mask)
@@ -161,10 +162,10 @@ class ChunkScheduler:
         draw = self._plan(has_loss, sampled, self.calls if step is None else step, rank)
         self.calls += 1
 
-        run = _ChunkRun(hf, self.config, input_ids, target, attention_mask, bounds, n, forward_fn, identical)
-        run.layout = layout
         kind = "exact" if self.sampler is None else self.sampler.config.report_loss
-        run.stats = TokenStats() if token_stats and kind == "exact" else None
+        stats = TokenStats() if token_stats and kind == "exact" else None
+        run = _ChunkRun(hf, self.config, input_ids, target, attention_mask, bounds, n, forward_fn, identical,
+                        layout=layout, stats=stats)  # fmt: skip
         with (
             no_cpu_inference_packing(hf),
             full_length_rope(hf, layout.longest),
@@ -252,14 +253,15 @@ class _ChunkRun:
     """The state of one scheduler call: the model's parts, the batch, the KV store."""
 
     def __init__(
-        self, hf, config: ChunkwiseConfig, input_ids, target, attention_mask, bounds, normalizer, forward_fn, identical
-    ):
+        self, hf, config: ChunkwiseConfig, input_ids, target, attention_mask, bounds, normalizer, forward_fn, identical,
+        *, layout: Layout, stats: TokenStats | None,
+    ):  # fmt: skip
         self.model, self.decoder, self.lm_head = hf, hf.get_decoder(), lm_head(hf)
         self.forward_fn = forward_fn or (lambda kwargs: self.decoder(**kwargs)[0])
         self.cache_key = cache_kwarg(self.decoder)
         self.input_ids, self.target, self.mask = input_ids, target, attention_mask
-        # set by the caller: the batch's layout, whether chunk_sdpa runs, the token stats asked for
-        self.layout, self.fast, self.stats = Layout.of(input_ids), False, None
+        self.layout, self.stats = layout, stats  # where the tokens sit (packed rows); the token stats asked for
+        self.fast = False  # whether chunk_sdpa runs: set by the caller inside chunk_attention
         self.mask_kind = MaskKind.of(self.decoder)  # packed rows: the 4D masks it takes
         self.bounds, self.normalizer = bounds, normalizer
         self.sub_chunk, self.truncate = config.loss_chunk_size, config.truncate

@@ -242,6 +242,23 @@ PACKED_MODES = {  # SFTConfig settings whose rows hold several documents, positi
 SFT_METRICS = ("loss", "entropy", "mean_token_accuracy", "num_tokens", "grad_norm")
 
 
+def test_sft_packing_with_attention_that_cannot_keep_documents_apart_is_refused_at_once(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import make_tiny_model
+    from trl import SFTTrainer
+
+    def flash(*args, **kwargs):  # no flash-attn here: only the setting is read before training
+        model = make(*args, **kwargs)
+        model.config._attn_implementation_internal = "flash_attention_2"
+        return model
+
+    make = make_tiny_model.make_model
+    monkeypatch.setattr(make_tiny_model, "make_model", flash)
+    with pytest.raises(ChunkwiseTrainerError, match="padding_free / packing_strategy 'bfd': LlamaForCausalLM: "
+                       "packed rows .* attn_implementation='flash_attention_2'"):  # fmt: skip
+        _sft(with_chunkwise(SFTTrainer), tmp_path, PACKED_MODES["bfd"], {"chunk_size": 5})
+
+
 @pytest.mark.parametrize("chunk, dtype", [(5, torch.float64), (64, torch.float64), (5, torch.float32)])
 @pytest.mark.parametrize("mode", list(PACKED_MODES))
 def test_sft_packed_documents_equal_the_parent(tmp_path, mode, chunk, dtype):

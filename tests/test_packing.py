@@ -5,6 +5,7 @@ import copy
 import os
 import sys
 
+import families
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,6 +147,13 @@ def test_what_packed_rows_cannot_take():
     with pytest.raises(ValueError, match="sequence of 585 tokens exceeds the 512 positions"):
         ChunkScheduler({"chunk_size": 8}).backward(tiny_model("llama"), ids, labels, position_ids=pos + 555)
     assert Layout.of(ids, torch.arange(45)).packed is False  # 0..T-1: the plain path
+    # a position table (GPT-Neo's, as ALiBi's) is as long as the model's positions, whatever the documents
+    neo, long_ids = families.build("gpt_neo"), torch.randint(3, 97, (1, 300))
+    with pytest.raises(ValueError, match="sequence of 300 tokens exceeds the 256 positions"):
+        ChunkScheduler({"chunk_size": 64}).backward(neo, long_ids, position_ids=torch.arange(300)[None] % 100)
+    # RoPE only: a packed row may outgrow the trained length (512) while its documents do not
+    ChunkScheduler({"chunk_size": 256}).backward(tiny_model("llama"), torch.randint(0, 97, (1, 600)),
+                                                 position_ids=torch.arange(600)[None] % 300)  # fmt: skip
 
 
 @pytest.mark.parametrize("stage", [0, 3])
@@ -167,6 +175,7 @@ def test_train_batch_equals_deepspeeds_own_packed_step(stage):
         engine.train_batch({"input_ids": ids, "labels": labels, "position_ids": pos})
     with deepspeed.zero.GatheredParameters([*ref.module.parameters(), *engine.module.parameters()], enabled=stage == 3):
         assert max_param_err(engine.hf_model, ref.hf_model) < 1e-6
+    assert engine._positions(ids, torch.arange(45)).shape == ids.shape  # one row of positions for all, 1D too
 
 
 class _Words:
