@@ -65,6 +65,11 @@ class Layout:
         """One more than the largest position id: the sequence length RoPE must cover."""
         return int(self.position_ids.max()) + 1
 
+    def boundaries(self, row: int = 0) -> list[int]:
+        """Where each document of ``row`` starts, and the row's length (``cu_seqlens`` form)."""
+        starts = [0] if self.starts is None else torch.unique_consecutive(self.starts[row]).tolist()
+        return [*starts, self.position_ids.shape[1]]
+
     def positions(self, s: int, e: int) -> torch.Tensor:
         return self.position_ids[:, s:e]
 

@@ -289,7 +289,8 @@ class ChunkwiseEngine:
     def _positions(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """position_ids as [rows, T]; packed rows refused by every rank together where the model
         cannot keep documents apart (one all-reduce), so no rank waits for one that stopped."""
-        pos = pos.reshape(-1, pos.shape[-1]).expand(ids.shape[0], -1) if pos.dim() == 1 or pos.shape[0] == 1 else pos
+        pos = pos.unsqueeze(0) if pos.dim() == 1 else pos
+        pos = pos.expand(ids.shape[0], -1) if pos.shape[0] == 1 else pos  # rows, so micro-batches can slice it
         packed = torch.tensor(float(Layout.of(ids, pos).packed), device=ids.device)
         check_packed(self.hf_model, bool(self._all_reduce(packed, torch.distributed.ReduceOp.MAX) > 0))
         return pos

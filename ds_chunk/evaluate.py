@@ -14,7 +14,7 @@ from ds_chunk.bnb import no_cpu_inference_packing
 from ds_chunk.chunking import IGNORE_INDEX, chunk_bounds, prepare_labels
 from ds_chunk.documents import Layout, MaskKind, check_packed
 from ds_chunk.kv import ChunkCache, KVStore
-from ds_chunk.loss import auto_sub_chunk
+from ds_chunk.loss import auto_sub_chunk, token_entropy
 
 
 @torch.no_grad()
@@ -53,7 +53,7 @@ def _nll_and_hits(head, hidden: torch.Tensor, target: torch.Tensor, step: int, t
     for s in range(0, hidden.shape[0], step):
         logits = head(hidden[s : s + step]).float()  # [step, V]
         totals["nll"] += float(torch.nn.functional.cross_entropy(logits, target[s : s + step], reduction="sum"))
-        totals["entropy"] += float(torch.special.entr(logits.softmax(-1)).sum())
+        totals["entropy"] += float(token_entropy(logits).sum())
         hits.append(logits.argmax(-1) == target[s : s + step])
     return torch.cat(hits)
 

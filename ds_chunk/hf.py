@@ -30,7 +30,7 @@ from torch import nn
 
 from ds_chunk.adapter import UnsupportedModelError, check_supported, unwrap
 from ds_chunk.config import ChunkwiseConfig
-from ds_chunk.documents import check_packed
+from ds_chunk.documents import Layout, check_packed
 from ds_chunk.engine import boundary_backward, check_engine, chunk_modes, refuse_float_quant_storage
 from ds_chunk.neftune import row_noise
 from ds_chunk.scheduler import ChunkScheduler, LocalGrads
@@ -211,7 +211,6 @@ class _ChunkwiseMixin:
 
     def _chunk_inputs(self, inputs: dict) -> tuple:
         """(input_ids, labels, attention_mask, position_ids); refuses inputs a chunk-wise step would drop."""
-        _check_varlen_hints(inputs)
         extra = sorted(set(inputs) - set(MODEL_INPUTS) - set(VARLEN_HINTS) - {"use_cache", "num_items_in_batch"})
         if extra:
             raise ChunkwiseTrainerError(
@@ -220,6 +219,7 @@ class _ChunkwiseMixin:
             )
         if "input_ids" not in inputs:
             raise ChunkwiseTrainerError("inputs have no 'input_ids' (inputs_embeds is not chunked)")
+        _check_varlen_hints(inputs)
         return tuple(inputs.get(k) for k in ("input_ids", "labels", "attention_mask", "position_ids"))
 
     def _normalizer(self, labels, ids, mask, num_items_in_batch) -> float:
@@ -283,12 +283,11 @@ def _check_varlen_hints(inputs: dict) -> None:
     if positions is None or positions.shape[0] != 1:
         raise ChunkwiseTrainerError("inputs['cu_seq_lens_q'] without one row of position_ids: the documents are read "
                                     "from position_ids (as transformers' sdpa and eager attention do)")  # fmt: skip
-    p = positions[0]
-    starts = torch.cat([p.new_zeros(1), torch.nonzero(p[1:] != p[:-1] + 1).flatten() + 1, p.new_tensor([len(p)])])
-    if not torch.equal(starts.cpu().to(torch.long), cu.cpu().to(torch.long)):
+    starts = Layout.of(inputs["input_ids"], positions).boundaries()
+    if starts != cu.tolist():
         raise ChunkwiseTrainerError(
             f"inputs['cu_seq_lens_q'] = {cu.tolist()} disagrees with the document starts of position_ids "
-            f"({starts.tolist()}): ds_chunk reads the documents from position_ids"
+            f"({starts}): ds_chunk reads the documents from position_ids"
         )
 
 

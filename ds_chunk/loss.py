@@ -28,6 +28,11 @@ from ds_chunk.zero3 import gathered, partitioned
 LOGITS_BUDGET = 32 * 2**20  # bytes of float32 logits per sub-chunk when loss_chunk_size is left to us
 
 
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row's softmax, logits [n, V] -> [n]."""
+    return torch.special.entr(logits.softmax(-1)).sum(-1)
+
+
 @dataclass
 class TokenStats:
     """Sums over the supervised tokens whose logits were made: the entropy of the next-token
@@ -35,11 +40,11 @@ class TokenStats:
     (``entropy``, ``mean_token_accuracy``). complete: every supervised token was counted (not
     so where a fused kernel made the loss without logits)."""
 
-    entropy: torch.Tensor | float = 0.0
-    correct: torch.Tensor | int = 0
-    tokens: torch.Tensor | int = 0
+    entropy: float = 0.0
+    correct: int = 0
+    tokens: int = 0
     complete: bool = True
-    _parts: list = field(default_factory=list, repr=False)
+    _parts: list = field(default_factory=list, repr=False)  # per block: its three sums, as tensors (no sync)
 
     @torch.no_grad()
     def add(self, entropy: torch.Tensor, hit: torch.Tensor, keep: torch.Tensor) -> None:
@@ -49,9 +54,7 @@ class TokenStats:
     @torch.no_grad()
     def add_logits(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """From logits [n, V] (the family's transform applied, upcast) and target [n]."""
-        keep = target != IGNORE_INDEX
-        entropy = torch.special.entr(logits.softmax(-1)).sum(-1)
-        self.add(entropy, logits.argmax(-1) == target, keep)
+        self.add(token_entropy(logits), logits.argmax(-1) == target, target != IGNORE_INDEX)
 
     def total(self) -> TokenStats:
         """The sums as numbers (one synchronisation)."""

@@ -139,7 +139,9 @@ class ChunkScheduler:
         """
         hf = unwrap(model)
         check_supported(hf, input_ids.shape[-1])
-        check_inputs(input_ids, attention_mask, max_positions(hf), position_ids if uses_rope(hf) else None)
+        # a packed row may outgrow the trained length where positions only rotate (RoPE)
+        rotary = position_ids is not None and uses_rope(hf)  # not on every call: a walk over all modules
+        check_inputs(input_ids, attention_mask, max_positions(hf), position_ids if rotary else None)
         layout = Layout.of(input_ids, position_ids)
         check_packed(hf, layout.packed)
         if attention_mask is not None and bool(attention_mask.all()):

@@ -65,3 +65,20 @@ def max_rel_err(a: dict, b: dict) -> float:
     """max over parameters of ||a - b|| / ||b||."""
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in a)
+
+
+def packed_positions(lengths: list[list[int]]) -> torch.Tensor:
+    """position_ids [rows, T] of packed rows: 0..n-1 for each document of n tokens, per row."""
+    return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+
+
+def per_document_loss(model, ids, labels, lengths: list[list[int]]) -> torch.Tensor:
+    """The reference of packed rows: each document run alone, its token CE summed in the model's
+    dtype, over the supervised tokens of all of them."""
+    total, count = 0.0, 0
+    for x_row, y_row, docs in zip(ids, labels, lengths):
+        for x, y in zip(x_row[: sum(docs)].split(docs), y_row[: sum(docs)].split(docs)):
+            logits = model(input_ids=x[None]).logits[0, :-1]
+            total = total + F.cross_entropy(logits, y[1:], ignore_index=-100, reduction="sum")
+            count += int((y[1:] != -100).sum())
+    return total / count

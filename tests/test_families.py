@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from families import FAMILIES, build
+from models import packed_positions, per_document_loss
 
 from ds_chunk import ChunkScheduler, UnsupportedModelError
 
@@ -75,18 +76,13 @@ def test_family_packed_rows_equal_each_document_alone(name):
     model = build(name)
     if name in SAMPLING:
         model.eval()
-    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in DOCUMENTS])
+    pos = packed_positions(DOCUMENTS)
     labels = IDS.masked_fill(pos == 0, -100)
     if name in REFUSED_PACKED:
         with pytest.raises(ValueError, match=re.escape(REFUSED_PACKED[name]) + ".* with ALiBi"):
             ChunkScheduler({"chunk_size": 8}).backward(model, IDS, labels, position_ids=pos)
         return
-    total = 0.0
-    for ids, row, docs in zip(IDS, labels, DOCUMENTS):
-        for x, y in zip(ids.split(docs), row.split(docs)):
-            logits = model(input_ids=x[None]).logits[0, :-1]
-            total = total + F.cross_entropy(logits, y[1:], ignore_index=-100, reduction="sum")
-    (total / int((labels[:, 1:] != -100).sum())).backward()
+    per_document_loss(model, IDS, labels, DOCUMENTS).backward()
     want = _grads(model)
     model.zero_grad(set_to_none=True)
     ChunkScheduler({"chunk_size": 8}).backward(model, IDS, labels, position_ids=pos)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from engine_ref import ds_config, lora_model, max_param_err
-from models import grads, max_rel_err, tiny_model
+from models import grads, max_rel_err, packed_positions, per_document_loss, tiny_model
 
 import ds_chunk
 from ds_chunk import ChunkScheduler
@@ -25,22 +25,8 @@ LENGTHS = [[10, 3, 20, 12], [30, 14, 1]]  # per row, its documents: one of 1 tok
 def _packed(lengths=LENGTHS, seed=1):
     """input_ids, labels (each document's first token unsupervised, as TRL's collator does), position_ids."""
     ids = torch.randint(0, 97, (len(lengths), sum(lengths[0])), generator=torch.Generator().manual_seed(seed))
-    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    pos = packed_positions(lengths)
     return ids, ids.masked_fill(pos == 0, -100), pos
-
-
-def _per_document(model, ids, labels, lengths=LENGTHS, upto=None):
-    """Summed CE of each document run alone, over all supervised tokens: the reference loss."""
-    total, count = 0.0, 0
-    for row, docs in enumerate(lengths):
-        start = 0
-        for n in docs:
-            x, y = ids[row : row + 1, start : start + n], labels[row : row + 1, start : start + n]
-            logits = model(input_ids=x).logits
-            total = total + F.cross_entropy(logits[0, :-1], y[0, 1:], ignore_index=-100, reduction="sum")
-            count += int((y[0, 1:] != -100).sum())
-            start += n
-    return total / count
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])  # chunk_sdpa's segments; a 4D mask
@@ -49,7 +35,7 @@ def _per_document(model, ids, labels, lengths=LENGTHS, upto=None):
 def test_packed_rows_equal_each_document_alone_float64(arch, chunk, impl):
     model = tiny_model(arch, attn_implementation=impl)
     ids, labels, pos = _packed()
-    ref = _per_document(model, ids, labels)
+    ref = per_document_loss(model, ids, labels, LENGTHS)
     ref.backward()
     g_ref = grads(model)
     model.zero_grad()
@@ -69,7 +55,7 @@ def test_packed_and_padded_rows_and_one_position_row_for_all():
     mask = torch.ones_like(ids)
     mask[1, 30:] = 0
     labels[1, 30:] = -100
-    ref = _per_document(model, ids, labels, lengths)
+    ref = per_document_loss(model, ids, labels, lengths)
     ref.backward()
     g_ref = grads(model)
     model.zero_grad()
@@ -86,7 +72,7 @@ def test_spaco_on_packed_rows_is_exactly_unbiased():
 
     model = tiny_model("llama")
     ids, labels, pos = _packed()
-    _per_document(model, ids, labels).backward()
+    per_document_loss(model, ids, labels, LENGTHS).backward()
     want = grads(model)
     model.zero_grad()
     expected = None
@@ -131,7 +117,7 @@ def test_evaluate_packed_rows():
     model = tiny_model("llama")
     ids, labels, pos = _packed()
     with torch.no_grad():
-        ref = _per_document(model, ids, labels)
+        ref = per_document_loss(model, ids, labels, LENGTHS)
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos}
     assert evaluate(model, [batch], 6)["loss"] == pytest.approx(float(ref), rel=1e-6)  # its CE is float32
 
@@ -201,7 +187,7 @@ def test_launch_packing_keeps_texts_apart():
     assert lengths[0] == [8, 24] and lengths[1] == [7, 5, 20]  # 7 + EOS; 31 of 30 + EOS, the rest next block
     model = tiny_model("llama")
     mask = batch["attention_mask"]
-    ref = _per_document(model, batch["input_ids"], batch["labels"], lengths)
+    ref = per_document_loss(model, batch["input_ids"], batch["labels"], lengths)
     ref.backward()
     g_ref = grads(model)
     model.zero_grad()

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from models import grads, max_rel_err
+from models import grads, max_rel_err, packed_positions, per_document_loss
 
 from ds_chunk import ChunkScheduler
 from ds_chunk.known_models import resolve
@@ -100,13 +100,10 @@ def test_float64_packed_documents_equal_each_alone(smol, norm64):
 
     lora = LoraConfig(r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
     model = get_peft_model(_load(smol), lora)
-    ids, lengths = _text_ids(smol, 384), (100, 150, 134)
-    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    ids, lengths = _text_ids(smol, 384), [[100, 150, 134]]
+    pos = packed_positions(lengths)
     labels = ids.masked_fill(pos == 0, -100)
-    total = sum(
-        F.cross_entropy(model(input_ids=x).logits[0, :-1], x[0, 1:], reduction="sum") for x in ids.split(lengths, dim=1)
-    )
-    (total / (384 - 3)).backward()
+    per_document_loss(model, ids, labels, lengths).backward()
     want = grads(model)
     model.zero_grad()
     result = ChunkScheduler({"chunk_size": 96}).backward(model, ids, labels, position_ids=pos)
