@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d.add_argument("--eval-data", help="held-out JSONL / hf: source (default: --eval-fraction of --data)")
     d.add_argument("--eval-fraction", type=_number(float, 0.0, 1.0, open_hi=True), default=0.02,
                    help="records of --data held out for evaluation (at least 1; 0: none)")  # fmt: skip
-    d.add_argument("--packing", choices=PACKING, default="documents", help="--data texts in --seq-len blocks: "
+    d.add_argument("--packing", choices=PACKING, help="--data texts in --seq-len blocks: "
                    "documents (default): each text attends only to itself (position ids restart at each); wrapped: "
                    "to the texts before it in the block, as TRL's packing_strategy='wrapped'")  # fmt: skip
     d.add_argument("--task", choices=list(TASKS), default="recall", help="built-in data (no --data): the "
@@ -175,6 +175,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--warmup-steps / --warmup-ratio need --lr-scheduler (e.g. linear, cosine, constant_with_warmup)")
     if args.resume and args.resume_from:
         p.error("give --resume or --resume-from, not both")
+    if args.packing and not args.data:
+        p.error("--packing packs the texts of --data; the built-in tasks have one sequence per row")
+    args.packing = args.packing or "documents"
     return args
 
 

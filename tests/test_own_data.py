@@ -223,6 +223,7 @@ def test_cli_mistakes_are_one_line(tmp_path):
         ("--max-steps", "0"): "argument --max-steps: 0: expected an integer >= 1",
         ("--max-steps", "-3"): "argument --max-steps: -3: expected an integer >= 1",
         ("--warmup-steps", "3"): "--warmup-steps / --warmup-ratio need --lr-scheduler",
+        ("--packing", "wrapped"): "--packing packs the texts of --data; the built-in tasks have one sequence",
         ("--data", str(bad), "--model", "x"): f"error: {bad}:8: expected a 'text', 'messages' or 'prompt' field",
         ("--data", str(broken), "--model", "x"): f"error: {broken}:2: not valid JSON (Invalid control character",
         ("--resume-from", str(tmp_path)): f"error: no checkpoint in {tmp_path}",
