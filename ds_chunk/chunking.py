@@ -61,3 +61,18 @@ def check_inputs(
             raise ValueError("left padding is not supported: pad on the right (attention_mask[:, 0] must be 1)")
         if (mask[:, 1:] & ~mask[:, :-1]).any():
             raise ValueError("attention_mask must be right padding: ones, then zeros, in every row")
+
+
+def join_kept(
+    bounds: list[tuple[int, int]], has_loss: list[bool], keep: int
+) -> tuple[list[tuple[int, int]], list[bool], int]:
+    """The last supervised chunk joined with the ``keep`` chunks before it (``keep_chunks``):
+    one chunk that runs once, with autograd, so the joined chunks need no no-grad forward.
+
+    Returns the bounds and flags to run, and the index of the joined chunk's first original
+    chunk (run chunk j > first is original chunk j + the number joined away).
+    """
+    last = max((c for c, x in enumerate(has_loss) if x), default=0)
+    first = max(0, last - keep)
+    joined = [(bounds[first][0], bounds[last][1])]
+    return bounds[:first] + joined + bounds[last + 1 :], has_loss[:first] + [True] + has_loss[last + 1 :], first

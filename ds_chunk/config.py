@@ -64,6 +64,15 @@ def _prob(key: str, value: Any) -> float | None:
     return float(value)
 
 
+def _positive(key: str, value: Any) -> float | None:
+    _reject_auto(key, value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise ConfigError(key, value, "a number > 0 (GiB), or null")
+    return float(value)
+
+
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     _reject_auto(key, value)
     if value not in choices:
@@ -172,6 +181,15 @@ class ChunkwiseConfig:
         (truncated backprop); the gradient is then NOT the full-sequence gradient.
     max_consecutive_skips: steps with a non-finite loss or gradient on any rank are
         skipped by every rank; training stops with an error after more than this many in a row.
+    keep_chunks: how many chunks before the last supervised one run with autograd at once,
+        joined to it (one chunk of (keep_chunks + 1) x chunk_size tokens): their no-grad
+        forward and their KV leaves are skipped, at the memory of their activations. 0: SeCO
+        as is; at least the number of chunks: plain backprop. Exact; SeCO only.
+    memory_budget_gb: the memory (GiB) one training step may add on top of what is held
+        before it (weights, optimizer states): at the first step of each batch shape the
+        planner picks chunk_size, loss_chunk_size and keep_chunks, the fastest whose
+        predicted step peak fits (``ds_chunk.budget``); on CUDA never more than is free.
+        Absent: the settings as given.
     """
 
     enabled: bool = True
@@ -182,6 +200,8 @@ class ChunkwiseConfig:
     kv_offload: bool = False
     truncate: bool = False
     max_consecutive_skips: int = 5
+    keep_chunks: int = 0
+    memory_budget_gb: float | None = None
 
     @classmethod
     def from_dict(cls, block: dict | None, prefix: str = "chunkwise") -> ChunkwiseConfig:
@@ -204,7 +224,17 @@ class ChunkwiseConfig:
             kv_offload=_bool(f"{prefix}.kv_offload", b.get("kv_offload", False)),
             truncate=_bool(f"{prefix}.truncate", b.get("truncate", False)),
             max_consecutive_skips=_int(f"{prefix}.max_consecutive_skips", b.get("max_consecutive_skips", 5), 0),
-        )
+            keep_chunks=_int(f"{prefix}.keep_chunks", b.get("keep_chunks", 0), 0),
+            memory_budget_gb=_positive(f"{prefix}.memory_budget_gb", b.get("memory_budget_gb")),
+        ).checked(prefix)
+
+    def checked(self, prefix: str = "chunkwise") -> ChunkwiseConfig:
+        """Settings that cannot go together: kept chunks are SeCO's (a SpaCO draw or truncation
+        decides per chunk, and a kept group is one)."""
+        if self.keep_chunks and (self.sparse is not None or self.truncate):
+            what = "chunkwise.sparse (SpaCO)" if self.sparse is not None else "chunkwise.truncate"
+            raise ConfigError(f"{prefix}.keep_chunks", self.keep_chunks, f"0 with {what}: kept chunks are SeCO's")
+        return self
 
     @classmethod
     def from_ds_config(cls, config: str | os.PathLike | dict, source: str | None = None) -> ChunkwiseConfig:

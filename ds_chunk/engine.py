@@ -13,6 +13,7 @@ several backwards without that flag keep only the last one's gradient.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -299,11 +300,23 @@ class ChunkwiseEngine:
         """ZeRO-3: whether each chunk holds a supervised token on any rank (None otherwise)."""
         if not self.zero3:
             return None
-        size = self.chunkwise.chunk_size if self.chunkwise.enabled else ids.shape[1]
+        size = self._settings(ids).chunk_size if self.chunkwise.enabled else ids.shape[1]
         supervised = prepare_labels(ids, labels, mask) != IGNORE_INDEX
         flags = torch.tensor([float(supervised[:, s:e].any()) for s, e in chunk_bounds(ids.shape[1], size)])
         flags = self._all_reduce(flags.to(ids.device), torch.distributed.ReduceOp.MAX)
         return [bool(f) for f in flags.tolist()]
+
+    def _settings(self, ids: torch.Tensor) -> ChunkwiseConfig:
+        """ZeRO-3: the scheduler's settings for this batch shape, the same on every rank (a
+        memory budget capped by a rank's free CUDA memory may pick less there: the least wins)."""
+        settings = self.scheduler.settings(self.engine.module, ids)
+        if self.chunkwise.memory_budget_gb is None:
+            return settings
+        least = torch.tensor([settings.chunk_size, settings.keep_chunks, settings.loss_chunk_size], device=ids.device)
+        chunk, keep, sub = self._all_reduce(least, torch.distributed.ReduceOp.MIN).tolist()
+        settings = dataclasses.replace(settings, chunk_size=chunk, keep_chunks=keep, loss_chunk_size=sub)
+        self.scheduler.picks[tuple(ids.shape)] = settings
+        return settings
 
     def _all_finite(self, grads) -> bool:
         """Whether the step's loss and gradient are finite on every rank (one all-reduce)."""

@@ -22,7 +22,7 @@ def load_config(args: argparse.Namespace, micro_batch: int | None = None) -> dic
             raise ValueError(f"{args.deepspeed_config}:{e.lineno}: not valid JSON ({e.msg})") from None
     warn_misspelled_blocks(cfg, args.deepspeed_config)
     chunk_flags = (args.chunk_size, args.sparse_rate, args.always_replay, args.sampler, args.truncate or None,
-                   args.kv_offload or None)  # fmt: skip
+                   args.kv_offload or None, args.keep_chunks, args.memory_budget_gb)  # fmt: skip
     if "chunkwise" not in cfg and all(flag is None for flag in chunk_flags):
         cfg["chunkwise"] = {"enabled": False}  # a plain DeepSpeed config trains unchunked, as the library does
     cfg["chunkwise"] = chunkwise_block(args, cfg.get("chunkwise", {}))
@@ -59,6 +59,9 @@ def chunkwise_block(args: argparse.Namespace, block: dict) -> dict:
         chunkwise["truncate"] = True
     if args.kv_offload:
         chunkwise["kv_offload"] = True
+    for key in ("keep_chunks", "memory_budget_gb"):
+        if getattr(args, key) is not None:
+            chunkwise[key] = getattr(args, key)
     return chunkwise
 
 

@@ -9,6 +9,11 @@ chunks in reverse with autograd; chunk i's scalar
 backpropagates chunk i's own loss and the gradient later chunks sent into m_i, and adds
 into the parameters' .grad and the leaves m_0..m_{i-1}. With w_i = 1 for every chunk
 this is exactly full backprop (SeCO); SpaCO replays a sample with w_i = 1/pi_i.
+
+``keep_chunks`` k: the last supervised chunk and the k before it are one chunk, run once,
+with autograd, first in pass 2: no no-grad forward and no leaves for them, their activations
+held at once instead (``chunking.join_kept``). ``memory_budget_gb`` picks k, the chunk size
+and the LM-head sub-chunk per batch shape (``budget``).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from ds_chunk.adapter import (
 )
 from ds_chunk.attention import chunk_attention
 from ds_chunk.bnb import no_cpu_inference_packing
-from ds_chunk.chunking import IGNORE_INDEX, check_inputs, chunk_bounds, prepare_labels
+from ds_chunk.chunking import IGNORE_INDEX, check_inputs, chunk_bounds, join_kept, prepare_labels
 from ds_chunk.config import ChunkwiseConfig
 from ds_chunk.documents import Layout, MaskKind, check_packed
 from ds_chunk.kv import ChunkCache, KVStore
@@ -68,6 +73,8 @@ class ChunkResult:
     inclusion: SpaCO, chunk -> pi_c for the chunks the draw decided (the gradient sampler
         decides as the replay goes; chunks after the last supervised one, and without a loss
         when truncating, are never decided).
+    kept: chunks joined to the last supervised one and run once with it (``keep_chunks``,
+        fewer where the sequence has fewer chunks before it).
     host_peak_bytes: with kv_offload, the most host memory the call held at once (KV
         leaves, their gradients, saved tensors); 0 without.
     """
@@ -81,6 +88,7 @@ class ChunkResult:
     loss_kind: str = "exact"
     inclusion: dict[int, float] = field(default_factory=dict)
     token_stats: TokenStats | None = None
+    kept: int = 0
 
 
 class ChunkScheduler:
@@ -93,6 +101,7 @@ class ChunkScheduler:
         self.backward_fn = backward_fn or autograd_backward
         self.sampler = ChunkSampler(config.sparse) if config.sparse is not None and config.enabled else None
         self.calls = 0  # default SpaCO step index; part of the state for exact resume
+        self.picks: dict[tuple, ChunkwiseConfig] = {}  # memory_budget_gb: batch shape -> settings
 
     def state_dict(self) -> dict:
         return {"calls": self.calls}
@@ -151,8 +160,8 @@ class ChunkScheduler:
         n = int(supervised.sum()) if num_tokens is None else num_tokens
         if n == 0:
             raise ValueError("no supervised token in the batch: every label is -100 (ignored)")
-        size = self.config.chunk_size if self.config.enabled else input_ids.shape[1]
-        bounds = chunk_bounds(input_ids.shape[1], size)
+        config = self.settings(model, input_ids)
+        bounds = chunk_bounds(input_ids.shape[1], config.chunk_size if config.enabled else input_ids.shape[1])
         identical = has_loss is not None
         if identical and len(has_loss) != len(bounds):
             raise ValueError(f"has_loss names {len(has_loss)} chunks, the batch has {len(bounds)}")
@@ -161,12 +170,16 @@ class ChunkScheduler:
         if identical and self.sampler is not None and self.sampler.config.sampler == "gradient":
             raise ValueError('chunkwise.sparse.sampler = "gradient" decides per rank, but these ranks must replay '
                              'identical chunks (ZeRO-3): use "bernoulli" with same_on_all_ranks')  # fmt: skip
+        num_chunks, joined = len(bounds), config.keep_chunks if config.enabled else 0
+        if joined:  # SeCO: the kept chunks run as one (config.checked refuses SpaCO / truncate)
+            bounds, has_loss, first = join_kept(bounds, has_loss, joined)
+            joined = num_chunks - len(bounds)
         draw = self._plan(has_loss, sampled, self.calls if step is None else step, rank)
         self.calls += 1
 
         kind = "exact" if self.sampler is None else self.sampler.config.report_loss
         stats = TokenStats() if token_stats and kind == "exact" else None
-        run = _ChunkRun(hf, self.config, input_ids, target, attention_mask, bounds, n, forward_fn, identical,
+        run = _ChunkRun(hf, config, input_ids, target, attention_mask, bounds, n, forward_fn, identical,
                         layout=layout, stats=stats)  # fmt: skip
         with (
             no_cpu_inference_packing(hf),
@@ -180,7 +193,22 @@ class ChunkScheduler:
         loss = {"exact": loss, "estimate": weighted, "off": torch.tensor(float("nan"))}[kind]
         host = run.store.memory.peak
         stats = run.stats.total() if run.stats is not None and run.stats.complete else None
-        return ChunkResult(loss.detach(), n, len(bounds), sorted(weights), weights, host, kind, draw.inclusion, stats)
+        if joined:  # the chunks as the user numbers them: the joined one stands for its originals
+            weights = {o: w for c, w in weights.items() for o in _originals(c, first, joined)}
+        return ChunkResult(loss.detach(), n, num_chunks, sorted(weights), weights, host, kind, draw.inclusion, stats,
+                           kept=joined)  # fmt: skip
+
+    def settings(self, model: nn.Module, input_ids: torch.Tensor) -> ChunkwiseConfig:
+        """The settings a batch of this shape runs with: the config's, or with
+        ``memory_budget_gb`` the planner's pick for it (``budget.pick_for``, once per shape)."""
+        if self.config.memory_budget_gb is None or not self.config.enabled:
+            return self.config
+        key = tuple(input_ids.shape)
+        if key not in self.picks:
+            from ds_chunk.budget import pick_for
+
+            self.picks[key] = pick_for(model, input_ids, self.config)
+        return self.picks[key]
 
     def _plan(self, has_loss: list[bool], sampled: list[int] | None, step: int, rank: int):
         """The draw: the chunks to replay and their weights (``sampling.FixedDraw``), or the
@@ -202,6 +230,13 @@ class ChunkScheduler:
             if has_loss[c] or (keep and not self.config.truncate):
                 keep[c] = weights[c]
         return FixedDraw(dict(sorted(keep.items())), inclusion)
+
+
+def _originals(c: int, first: int, joined: int) -> range:
+    """The original chunks run chunk ``c`` stands for, ``joined`` of them joined into ``first``."""
+    if c < first:
+        return range(c, c + 1)
+    return range(first, first + joined + 1) if c == first else range(c + joined, c + joined + 1)
 
 
 class LocalGrads:

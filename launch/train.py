@@ -15,6 +15,7 @@ override parts of it. Each optimizer step runs every chunk's backward and then o
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -129,6 +130,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "always (chunkwise.sparse.always_replay)")  # fmt: skip
     c.add_argument("--truncate", action="store_true", help="baseline: no gradient across chunk boundaries")
     c.add_argument("--kv-offload", action="store_true", help="KV cache, its gradient and saved tensors in host memory")
+    c.add_argument("--keep-chunks", type=_number(int, 0), help="chunkwise.keep_chunks: chunks before the last run "
+                   "once with it, with autograd (faster, more memory)")  # fmt: skip
+    c.add_argument("--memory-budget-gb", type=_number(float, 0.0), help="chunkwise.memory_budget_gb: the memory a "
+                   "step may add; the planner picks --chunk-size, --keep-chunks and the loss chunk")  # fmt: skip
     o = p.add_argument_group("optimisation (overrides the config's DeepSpeed keys)")
     o.add_argument("--lr", type=_number(float, 0.0), help="optimizer.params.lr")
     o.add_argument("--weight-decay", type=_number(float, 0.0), help="optimizer.params.weight_decay")
@@ -338,9 +343,13 @@ def begin(args: argparse.Namespace, engine, steps: int, resume: str | None, cfg:
         engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps() * world,
         engine.chunkwise.enabled,
     )
+    budget = engine.chunkwise.memory_budget_gb
+    size = f"settings picked for a {budget:g} GiB step budget" if budget else f"chunk {engine.chunkwise.chunk_size}"
+    logging.getLogger("ds_chunk").addHandler(_Lines(log))  # the budget's pick, above the bar
+    logging.getLogger("ds_chunk").setLevel(logging.INFO)
     log.message(
         f"ds_chunk: {method_name(engine.chunkwise)}"
-        + (f", chunk {engine.chunkwise.chunk_size}" if chunked else " (no chunkwise block: chunking off)")
+        + (f", {size}" if chunked else " (no chunkwise block: chunking off)")
         + (
             f"; evaluation only, sequences of <= {args.seq_len} tokens"
             if args.eval_only
@@ -351,6 +360,17 @@ def begin(args: argparse.Namespace, engine, steps: int, resume: str | None, cfg:
         + (f"; resumed from {resume} at step {start}" if resume else "")
     )
     return start, log
+
+
+class _Lines(logging.Handler):
+    """ds_chunk's log lines (what a memory budget picked) written above the progress bar."""
+
+    def __init__(self, log: RunLog):
+        super().__init__(logging.INFO)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.log.message(record.getMessage())
 
 
 def train(args: argparse.Namespace, engine, train_data, eval_data, steps: int, resume: str | None, cfg: dict):

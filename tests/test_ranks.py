@@ -56,6 +56,7 @@ CONFIGS = {
     "zero3": ["--stage", "3"],
     "zero3_offload_param": ["--stage", "3", "--offload-param", "--offload"],
     "zero3_full_finetuning": ["--stage", "3", "--full"],
+    "zero3_kept_chunk": ["--stage", "3", "--keep", "1"],  # the ranks join the same chunks
     "zero0": ["--stage", "0"],
     "zero1_offload": ["--stage", "1", "--offload"],
     "zero1_overlap_comm": ["--stage", "1", "--overlap"],

@@ -73,14 +73,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--methods", nargs="+", default=["plain", "ckpt", "seco"], help="plain ckpt seco spaco@<rate>")
     p.add_argument("--chunk-sizes", type=int, nargs="+", default=[512], help="chunk sizes for seco/spaco")
+    p.add_argument("--keep-chunks", type=int, nargs="+", default=[0],
+                   help="seco: chunks joined to the last, run once with autograd (chunkwise.keep_chunks)")  # fmt: skip
+    p.add_argument("--memory-budgets-gb", type=float, nargs="+",
+                   help="seco: one point per chunkwise.memory_budget_gb, the planner picking chunk, keep and "
+                   "loss chunk (replaces --chunk-sizes / --keep-chunks for seco)")  # fmt: skip
     p.add_argument("--loss-chunk-sizes", type=_optional_int, nargs="+", default=["auto"],
                    help="LM head + CE sub-chunks: auto (the default rule), none (whole chunk)")  # fmt: skip
     p.add_argument("--report-loss", nargs="+", choices=["estimate", "exact", "off"], default=["estimate"],
                    help="spaco report_loss")  # fmt: skip
     p.add_argument("--kv-offload", type=_bool, nargs="+", default=[False], help="seco/spaco kv_offload: true false")
-    p.add_argument("--weights", nargs="+", choices=["full", "qv", "qlora"], default=["full"],
-                   help="qv: only q_proj/v_proj trained (LoRA-like); qlora: NF4 + LoRA")  # fmt: skip
+    p.add_argument("--weights", nargs="+", choices=["full", "qv", "lora", "qlora"], default=["full"],
+                   help="qv: only q_proj/v_proj trained (LoRA-like); lora: peft LoRA; qlora: NF4 + LoRA")  # fmt: skip
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"], help="lora / qlora target modules")
     p.add_argument("--model", default=None, help="config.json (random init), local path or hub id")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")

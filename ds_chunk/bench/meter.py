@@ -227,6 +227,8 @@ def measure(point: Point, mode: str = "both") -> dict:
         result.update(peak_mib=max(increases) / MIB, peak_abs_mib=max(peaks) / MIB)
         if point.kv_offload:  # what of the peak the offloaded KV cache held in host memory
             result["host_mib"] = max(hosts) / MIB
+    if point.memory_budget_gb is not None:
+        result.update(step.picked())
     return result
 
 

@@ -29,10 +29,12 @@ class Point:
     method: str  # plain | ckpt | seco | spaco@<rate>
     seq_len: int
     chunk_size: int = 512
+    keep_chunks: int = 0  # seco: chunks joined to the last one and run once with autograd
+    memory_budget_gb: float | None = None  # seco: chunkwise.memory_budget_gb (the planner picks the settings)
     loss_chunk_size: int | str | None = "auto"  # "auto": ds_chunk's default; None: the whole chunk
     report_loss: str = "estimate"  # spaco: estimate | exact | off
     kv_offload: bool = False
-    weights: str = "full"  # full | qv (only q_proj / v_proj weights trained, as LoRA would) | qlora
+    weights: str = "full"  # full | qv (only q_proj / v_proj trained, as LoRA would) | lora | qlora (NF4 + LoRA)
     model: str | None = None  # None: DEFAULT_MODEL; a config.json (random init); a local path or hub id
     device: str = "cpu"
     dtype: str = "float32"
@@ -40,8 +42,12 @@ class Point:
     repeats: int = 3
     threads: int = 1
     lora_rank: int = 8
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     seed: int = 0
     mem_limit_gb: float | None = None
+
+    def __post_init__(self):  # read back from JSON, a list: keep the point hashable
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
 
     @property
     def chunked(self) -> bool:
@@ -52,7 +58,9 @@ class Point:
         """Method name with the settings that change it, e.g. ``spaco@0.125[512,no-loss]``."""
         name = self.method
         if self.chunked:
-            opts = [str(self.chunk_size)]
+            opts = [f"budget {self.memory_budget_gb:g}G" if self.memory_budget_gb else str(self.chunk_size)]
+            if self.keep_chunks:
+                opts.append(f"keep{self.keep_chunks}")
             if self.loss_chunk_size != "auto":
                 opts.append(f"loss{self.loss_chunk_size or 'whole'}")
             if self.method.startswith("spaco@") and self.report_loss != "estimate":
@@ -100,9 +108,17 @@ def _base_model(point: Point):
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def _qlora_model(point: Point):
-    """NF4 base weights (bitsandbytes) + LoRA on q_proj, v_proj (r, alpha = 2r, dropout 0)."""
+def _lora(point: Point, model):
+    """LoRA on ``point.lora_targets`` (r, alpha = 2r, dropout 0)."""
     from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=point.lora_rank, lora_alpha=2 * point.lora_rank, lora_dropout=0.0,
+                      target_modules=list(point.lora_targets))  # fmt: skip
+    return get_peft_model(model, lora)
+
+
+def _qlora_model(point: Point):
+    """NF4 base weights (bitsandbytes) + LoRA."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = _torch_dtype(point.dtype)
@@ -118,13 +134,14 @@ def _qlora_model(point: Point):
         model = AutoModelForCausalLM.from_pretrained(
             source, quantization_config=quant, dtype=dtype, device_map=device_map
         )
-    lora = LoraConfig(r=point.lora_rank, lora_alpha=2 * point.lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
-    return get_peft_model(model, lora)
+    return _lora(point, model)
 
 
 def build_model(point: Point):
     """The model of ``point`` on its device, in train mode (gradient checkpointing for ``ckpt``)."""
     model = _qlora_model(point) if point.weights == "qlora" else _base_model(point).to(point.device)
+    if point.weights == "lora":
+        model = _lora(point, model)
     if point.weights == "qv":  # LoRA-like: the rest is frozen (no weight gradients, fewer saved inputs)
         for name, p in model.named_parameters():
             p.requires_grad_(any(t in name for t in LORA_TARGETS))
@@ -150,11 +167,31 @@ def make_step(point: Point, model):
         return step
     from ds_chunk.scheduler import ChunkScheduler
 
-    config = {"chunk_size": point.chunk_size, "kv_offload": point.kv_offload}
+    config = {"chunk_size": point.chunk_size, "kv_offload": point.kv_offload, "keep_chunks": point.keep_chunks}
+    if point.memory_budget_gb is not None:
+        config["memory_budget_gb"] = point.memory_budget_gb
     if point.loss_chunk_size != "auto":  # absent: ds_chunk picks it
         config["loss_chunk_size"] = point.loss_chunk_size
     rate = parse_method(point.method)
     if rate is not None:
         config["sparse"] = {"rate": rate, "report_loss": point.report_loss}
     scheduler = ChunkScheduler(config)
-    return lambda: scheduler.backward(model, ids)
+
+    def step():
+        return scheduler.backward(model, ids)
+
+    step.picked = lambda: picked(scheduler, model, ids)
+    return step
+
+
+def picked(scheduler, model, ids) -> dict:
+    """What a memory budget picked for ``ids`` and the planner's step peak for it (MiB)."""
+    from ds_chunk.budget import planned_setup
+    from ds_chunk.plan import MIB, estimate
+
+    config = scheduler.settings(model, ids)
+    shape, setup = planned_setup(model, ids, config)
+    chosen = dict(chunk_size=config.chunk_size, keep_chunks=config.keep_chunks, loss_chunk_size=config.loss_chunk_size)
+    predicted = estimate(shape, dataclasses.replace(setup, **chosen)).step_bytes / MIB
+    return {**chosen, "picked": f"chunk {config.chunk_size} keep {config.keep_chunks} loss {config.loss_chunk_size}",
+            "predicted_mib": round(predicted, 1)}  # fmt: skip

@@ -13,7 +13,8 @@ CSV_FIELDS = [
     "label", "method", "seq_len", "chunk_size", "loss_chunk_size", "report_loss", "weights", "model", "device",
     "dtype", "batch", "lora_rank", "threads", "repeats", "status", "s_per_step", "s_mean", "s_all",
     "cpu_s_per_step", "cpu_s_mean", "cpu_s_all", "warmup_s", "peak_mib", "peak_abs_mib", "loaded_mib",
-    "replayed_mean", "wall_s", "error", "kv_offload", "host_mib",
+    "replayed_mean", "wall_s", "error", "kv_offload", "host_mib", "keep_chunks", "memory_budget_gb", "picked",
+    "predicted_mib",
 ]  # fmt: skip
 
 
@@ -111,6 +112,35 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_tradeoff(rows: list[dict], path: Path, title: str) -> None:
+    """Time against memory, one panel per sequence length: plain and checkpointing as points,
+    SeCO (its budgets, chunk sizes and kept chunks) as one curve through its points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok" and r.get("peak_mib") and r.get(time_keys(r)[0])]
+    lengths = sorted({r["seq_len"] for r in ok})
+    fig, axes = plt.subplots(1, max(1, len(lengths)), figsize=(5 * max(1, len(lengths)), 4), squeeze=False)
+    for ax, seq_len in zip(axes[0], lengths):
+        at = [r for r in ok if r["seq_len"] == seq_len]
+        for method, style, label in (("seco", "o-", "SeCO"), ("plain", "s", "plain"), ("ckpt", "^", "checkpointing")):
+            points = sorted((r["peak_mib"], r[time_keys(r)[0]]) for r in at if r["method"] == method)
+            if points:
+                ax.plot(*zip(*points), style, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("peak memory increase per step (MiB)")
+        ax.set_ylabel("seconds / step (CPU time on CPU)")
+        ax.set_title(f"T = {seq_len}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def _style(ax, lengths: list[int], ylabel: str) -> None:
     """Log-log axes with plain-number ticks at the measured lengths; a note if nothing was measured."""
     import matplotlib.ticker as ticker
@@ -131,7 +161,7 @@ def _style(ax, lengths: list[int], ylabel: str) -> None:
 
 def read_csv(path: Path) -> list[dict]:
     """Rows written by ``write_csv``, with the numbers parsed back."""
-    ints = ("seq_len", "chunk_size", "loss_chunk_size", "batch", "lora_rank", "threads", "repeats")
+    ints = ("seq_len", "chunk_size", "loss_chunk_size", "batch", "lora_rank", "threads", "repeats", "keep_chunks")
     floats = (
         "s_per_step",
         "s_mean",
@@ -144,6 +174,8 @@ def read_csv(path: Path) -> list[dict]:
         "replayed_mean",
         "wall_s",
         "host_mib",
+        "memory_budget_gb",
+        "predicted_mib",
     )
     rows = []
     with open(path) as f:
@@ -165,4 +197,7 @@ def write_outputs(rows: list[dict], stem: Path, header: str, ref: str) -> str:
     stem.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
     devices = sorted({str(r["device"]) for r in rows})
     plot(rows, stem.with_suffix(".png"), f"{', '.join(devices)}; memory: peak increase during a step")
+    if any(r.get("memory_budget_gb") or r.get("keep_chunks") for r in rows):
+        curve = stem.with_name(stem.name + "_curve.png")
+        plot_tradeoff(rows, curve, f"time against memory, {', '.join(devices)}: lower left is better")
     return table

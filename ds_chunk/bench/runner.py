@@ -132,18 +132,24 @@ def expand(args: argparse.Namespace) -> list[Point]:
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     common = dict(model=args.model, device=args.device, dtype=dtype, batch=args.batch, repeats=args.repeats)
     common.update(threads=args.threads, lora_rank=args.lora_rank, seed=args.seed, mem_limit_gb=args.mem_limit_gb)
+    common.update(lora_targets=tuple(args.lora_targets))
     points = []
     for seq_len, weights, method in itertools.product(args.seq_lens, args.weights, args.methods):
         rate = parse_method(method)
         chunked = method == "seco" or rate is not None
+        # seco with --memory-budgets-gb: one point per budget, the planner picks the settings
+        sizes = [(c, k, None) for c in args.chunk_sizes for k in (args.keep_chunks if method == "seco" else [0])]
+        budgets = [(args.chunk_sizes[0], 0, b) for b in args.memory_budgets_gb or []]
         variants = itertools.product(
-            args.chunk_sizes if chunked else args.chunk_sizes[:1],
+            (budgets or sizes) if method == "seco" else sizes if chunked else sizes[:1],
             args.loss_chunk_sizes if chunked else [None],
             args.report_loss if rate is not None else ["estimate"],
             args.kv_offload if chunked else [False],
         )
-        for chunk, loss_chunk, report, offload in variants:
-            points.append(Point(method, seq_len, chunk, loss_chunk, report, offload, weights, **common))
+        for (chunk, keep, budget), loss_chunk, report, offload in variants:
+            settings = dict(chunk_size=chunk, keep_chunks=keep, memory_budget_gb=budget, loss_chunk_size=loss_chunk)
+            points.append(Point(method, seq_len, **settings, report_loss=report, kv_offload=offload, weights=weights,
+                                **common))  # fmt: skip
     return points
 
 

@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-mem-gb", type=float, help="device memory budget; with it, the chunk size is recommended")
     p.add_argument("--method", choices=["seco", "spaco", "plain", "ckpt"], default="seco")
     p.add_argument("--chunk-size", type=int, default=512, help="the chunk size to break down (default 512)")
+    p.add_argument("--keep-chunks", type=int, default=0, help="chunks joined to the last one (chunkwise.keep_chunks)")
     p.add_argument("--loss-chunk-size", type=int)
     p.add_argument("--spaco-rate", type=float, help="SpaCO replay probability (implies --method spaco)")
     p.add_argument("--kv-offload", action="store_true")
@@ -55,6 +56,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         seq_len=args.seq_len,
         method="spaco" if args.spaco_rate else args.method,
         chunk_size=args.chunk_size,
+        keep_chunks=args.keep_chunks,
         loss_chunk_size=args.loss_chunk_size,
         sparse_rate=args.spaco_rate,
         kv_offload=args.kv_offload,
@@ -77,6 +79,7 @@ def report(shape: ModelShape, setup: Setup) -> tuple[str, bool]:
     whether it fits (True without a budget)."""
     est = estimate(shape, setup)
     what = f"{setup.method}" + (f" chunk {setup.chunk_size}" if setup.chunked else "")
+    what += f", {setup.keep_chunks} kept" if setup.chunked and setup.keep_chunks else ""
     lines = [f"{what}, T={setup.seq_len}, {shape.params() / 1e6:.0f}M params:", est.table()]
     if setup.gpu_mem_gb is None:
         return "\n".join(lines), True

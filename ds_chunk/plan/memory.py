@@ -103,14 +103,17 @@ def layer_activation_bytes(shape: ModelShape, setup: Setup) -> int:
     """Bytes one decoder layer keeps for backward per token (one chunk's activations).
 
     attention: q and k after RoPE ([heads*d], [kv*d]) and v ([kv*d]) kept by SDPA with its
-    output [heads*d] and float32 logsumexp [heads]; o_proj's input (a contiguous copy of
-    the output) if kept; the residual sum [H]. MLP: gate (SiLU's input), SiLU(gate) and up
-    ([I] each, kept by SiLU and the product), down_proj's input [I] if kept, the residual
-    sum [H]. Two RMSNorms. LoRA: lora_A's float32 output [r] per target.
+    output [heads*d] and float32 logsumexp [heads]; the residual sum [H]. o_proj's input is
+    that output itself (SDPA's kernels allocate it as [B, T, heads, d], so HF's transpose and
+    .contiguous() copy nothing; measured), but a 16-bit LoRA target keeps a float32 copy.
+    MLP: gate (SiLU's input), SiLU(gate) and up ([I] each, kept by SiLU and the product),
+    down_proj's input [I] if kept, the residual sum [H]. Two RMSNorms. LoRA: lora_A's
+    float32 output [r] per target.
     """
     b, h, d, i = setup.bytes, shape.hidden, shape.head_dim, shape.intermediate
     q, kv = shape.heads * d, shape.kv_heads * d
-    attn = b * (2 * q + 2 * kv + h) + 4 * shape.heads + input_bytes(setup, ("o_proj",), q)
+    o_input = input_bytes(setup, ("o_proj",), q) if setup.lora_rank and setup.bytes < 4 else 0
+    attn = b * (2 * q + 2 * kv + h) + 4 * shape.heads + o_input
     mlp = b * (3 * i + h) + input_bytes(setup, ("down_proj",), i)
     lora = 4 * setup.lora_rank * len(setup.lora_targets)
     norms = norm_bytes(shape, setup, ("q_proj", "k_proj", "v_proj"))
@@ -200,12 +203,14 @@ def _replay_moment(shape: ModelShape, setup: Setup, start: int, size: int, grads
 
 def _attention_bytes(shape: ModelShape, setup: Setup, prefix: int, size: int) -> float:
     """What one layer's attention keeps for a chunk: cat(prefix, chunk) K and V
-    [B, heads, prefix + size, d]. Masked attention (not flash): repeated over the query
-    heads when there is a prefix (SDPA then gets a mask, and HF repeats K/V for GQA), and
-    the float copy SDPA makes of the bool mask [B, 1, size, prefix + size] in every layer.
+    [B, heads, prefix + size, d] (flash without a prefix: nothing, SDPA keeps the chunk's own
+    K and V, counted in the activations). Masked attention (not flash): repeated over the
+    query heads when there is a prefix (SDPA then gets a mask, and HF repeats K/V for GQA),
+    and the float copy SDPA makes of the bool mask [B, 1, size, prefix + size] in every layer.
     """
     if uses_flash(shape, setup):
-        return setup.batch * (prefix + size) * 2 * shape.kv_heads * shape.head_dim * setup.bytes
+        joined = prefix + size if prefix else 0
+        return setup.batch * joined * 2 * shape.kv_heads * shape.head_dim * setup.bytes
     heads = shape.heads if prefix and shape.heads > shape.kv_heads else shape.kv_heads
     kv = (prefix + size) * 2 * heads * shape.head_dim * setup.bytes
     mask = setup.bytes * size * (prefix + size) if prefix else 0
@@ -245,9 +250,11 @@ def _offloaded_moment(shape: ModelShape, setup: Setup, start: int, size: int, gr
 
 
 def _chunks(setup: Setup) -> tuple[list[int], list[int]]:
-    """Start and length of every chunk (the last may be shorter)."""
+    """Start and length of every chunk run (the last may be shorter), the last
+    ``keep_chunks + 1`` joined into one (``chunking.join_kept``)."""
     starts = list(range(0, setup.seq_len, setup.chunk_size))
-    return starts, [min(setup.chunk_size, setup.seq_len - s) for s in starts]
+    starts = starts[: max(1, len(starts) - setup.keep_chunks)]
+    return starts, [b - a for a, b in zip(starts, starts[1:] + [setup.seq_len])]
 
 
 def offloaded_host(shape: ModelShape, setup: Setup) -> float:
@@ -271,8 +278,12 @@ def offloaded_host(shape: ModelShape, setup: Setup) -> float:
 
 def _saved(shape: ModelShape, setup: Setup, prefix: int, size: int) -> float:
     """What one chunk's replay saves for backward: every layer's attention K/V, mask and
-    activations (the fused loss keeps its gradients on the device, not saved)."""
-    acts = size * setup.batch * _token_bytes(shape, setup)
+    activations (the fused loss keeps its gradients on the device, not saved). The host copy
+    is made per saved tensor: o_proj's input, if kept, is copied apart from SDPA's output
+    although on the device they share storage."""
+    q = shape.heads * shape.head_dim
+    twice = input_bytes(setup, ("o_proj",), q) if not (setup.lora_rank and setup.bytes < 4) else 0
+    acts = size * setup.batch * (_token_bytes(shape, setup) + shape.layers * twice)
     return shape.layers * _attention_bytes(shape, setup, prefix, size) + acts
 
 

@@ -144,6 +144,7 @@ class Setup:
     seq_len: int
     method: str = "seco"  # seco | spaco | plain | ckpt
     chunk_size: int = 512
+    keep_chunks: int = 0  # chunks joined to the last one and run once with it (chunkwise.keep_chunks)
     loss_chunk_size: int | str | None = "auto"  # "auto": ds_chunk's rule (loss.auto_sub_chunk); None: whole chunk
     sparse_rate: float | None = None  # spaco: replay probability
     kv_offload: bool = False

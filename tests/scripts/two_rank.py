@@ -28,6 +28,7 @@ parser.add_argument("--overlap", action="store_true", help="overlap_comm")
 parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
 parser.add_argument("--chunk", type=int, default=16)
 parser.add_argument("--spaco", type=float, help="SpaCO rate")
+parser.add_argument("--keep", type=int, default=0, help="chunkwise.keep_chunks")
 parser.add_argument("--nan-steps", type=int, nargs="*", default=[], help="steps whose forward turns NaN on rank 1")
 parser.add_argument("--steps", type=int, default=2)
 parser.add_argument("--packed", action="store_true", help="packed documents, each rank's row unpadded")
@@ -44,6 +45,7 @@ if args.offload_param:
 if args.spaco is not None:
     cfg["chunkwise"]["sparse"] = {"rate": args.spaco, "seed": 3}
 cfg["chunkwise"]["max_consecutive_skips"] = 1
+cfg["chunkwise"]["keep_chunks"] = args.keep
 model = tiny_model("llama", dtype=torch.float32, seed=0) if args.full else lora_model()
 engine, *_ = ds_chunk.initialize(model=model, config=cfg)
 rank = torch.distributed.get_rank()
