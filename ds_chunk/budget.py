@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import torch
 from torch import nn
@@ -54,17 +55,16 @@ def cost(seq_len: int, chunk: int, keep: int) -> int:
     return (run - 1) * chunk + (2 * run - 1) * CHUNK_COST
 
 
-def pick(shape, setup, budget_bytes: float, loss_chunks: list[int], keep: bool = True) -> Pick | None:
+def pick(shape, setup, budget_bytes: float, loss_chunks: list[int]) -> Pick | None:
     """The cheapest (``cost``) setting whose predicted step peak fits ``budget_bytes`` less
-    ``MARGIN``; None when none does. ``setup``: a ``plan.Setup`` (its chunk settings are replaced);
-    loss_chunks: the LM-head sub-chunks to try, largest first; keep: whether kept chunks
-    are allowed (SeCO; not with SpaCO or truncation)."""
+    ``MARGIN``; None when none does. ``setup``: a ``plan.Setup`` (its chunk settings are
+    replaced); loss_chunks: the LM-head sub-chunks to try, largest first."""
     from ds_chunk.plan import chunk_candidates, estimate
 
     fitting = []
     for chunk in chunk_candidates(setup.seq_len, SMALLEST):
         chunks = -(-setup.seq_len // chunk)
-        for kept in range(chunks if keep else 1):
+        for kept in range(chunks):
             fits = None
             for sub in loss_chunks:
                 trial = dataclasses.replace(setup, chunk_size=chunk, keep_chunks=kept, loss_chunk_size=sub)
@@ -79,32 +79,40 @@ def pick(shape, setup, budget_bytes: float, loss_chunks: list[int], keep: bool =
     return min(fitting, key=lambda p: (cost(setup.seq_len, p.chunk_size, p.keep_chunks), -p.chunk_size), default=None)
 
 
-def smallest(shape, setup) -> Pick:
-    """The least memory a step can take (the smallest chunk and sub-chunk, nothing kept), and
-    the least budget that admits it (``budget_bytes``)."""
+def smallest(shape, setup, loss_chunk: int = SMALLEST) -> Pick:
+    """The least memory a step can take (the smallest chunk, ``loss_chunk``, nothing kept),
+    and the least budget that admits it (``budget_bytes``)."""
     from ds_chunk.plan import estimate
 
-    trial = dataclasses.replace(setup, chunk_size=SMALLEST, keep_chunks=0, loss_chunk_size=SMALLEST)
+    trial = dataclasses.replace(setup, chunk_size=SMALLEST, keep_chunks=0, loss_chunk_size=loss_chunk)
     step = estimate(shape, trial).step_bytes
-    return Pick(SMALLEST, 0, SMALLEST, step, step / (1 - MARGIN))
+    return Pick(SMALLEST, 0, loss_chunk, step, step / (1 - MARGIN))
 
 
-def planned_setup(model: nn.Module, input_ids: torch.Tensor, config: ChunkwiseConfig):
+def planned_setup(model: nn.Module, input_ids: torch.Tensor, config: ChunkwiseConfig, masked: bool = False, **zero):
     """The planner's (ModelShape, Setup) of this model and batch: dtype (autocast's where on),
-    4/8-bit base weights, peft LoRA rank and targets, kv_offload. SpaCO is planned as SeCO
-    (its peak is no larger)."""
+    4/8-bit base weights, peft LoRA rank and targets, kv_offload, the attention path (masked:
+    padding, where ds_chunk's chunk attention steps aside) and ``zero`` (zero_stage,
+    world_size). Full fine-tuning plans float32 gradients (fp32 weights under autocast, or an
+    engine's float32 buffer: never fewer bytes than run)."""
     from ds_chunk.adapter import text_config, unwrap
     from ds_chunk.plan import DTYPE_BYTES, ModelShape, Setup
 
     hf = unwrap(model)
+    key = "chunkwise.memory_budget_gb"
     try:
         shape = ModelShape.from_config(text_config(hf))
     except KeyError as e:
-        allowed = f"a model the planner can size: its config has no {e}; set chunk_size instead"
-        raise ConfigError("chunkwise.memory_budget_gb", config.memory_budget_gb, allowed) from None
+        raise ConfigError(key, config.memory_budget_gb, f"a model the planner can size: its config has no {e}; "
+                          "set chunk_size instead") from None  # fmt: skip
+    attention = getattr(text_config(hf), "_attn_implementation", "sdpa")
+    if attention not in ("sdpa", "flash_attention_2"):
+        raise ConfigError(key, config.memory_budget_gb, f'a model with "sdpa" attention (the planner\'s), not '
+                          f'"{attention}"; set chunk_size instead')  # fmt: skip
     device = input_ids.device.type
     autocast = torch.is_autocast_enabled(device)
-    dtype = torch.get_autocast_dtype(device) if autocast else hf.get_input_embeddings().weight.dtype
+    dtype = str(torch.get_autocast_dtype(device) if autocast else hf.get_input_embeddings().weight.dtype)
+    dtype = dtype.removeprefix("torch.") if dtype.removeprefix("torch.") in DTYPE_BYTES else "float32"
     names = {type(m).__name__ for m in hf.modules()}
     quant = "4bit" if "Linear4bit" in names else "8bit" if "Linear8bitLt" in names else "none"
     rank, targets = _lora(model, shape)
@@ -112,24 +120,32 @@ def planned_setup(model: nn.Module, input_ids: torch.Tensor, config: ChunkwiseCo
         seq_len=input_ids.shape[1],
         batch=input_ids.shape[0],
         device=device,
-        dtype=str(dtype).removeprefix("torch.") if str(dtype).removeprefix("torch.") in DTYPE_BYTES else "float32",
+        dtype=dtype,
+        grad_dtype=None if rank else "float32",
+        attention="masked" if masked else "auto",
         quant=quant,
         lora_rank=rank,
         lora_targets=targets,
         kv_offload=config.kv_offload,
         reserve_gb=0.0,
+        **zero,
     )
 
 
 def _lora(model: nn.Module, shape) -> tuple[int, tuple[str, ...]]:
-    """(rank, planner target names) of a peft LoRA model's active adapter; (0, ()) otherwise
-    (full fine-tuning: the planner's larger figure)."""
-    peft = next((m.peft_config for m in model.modules() if getattr(m, "peft_config", None)), None)
-    if not peft:
+    """(rank, planner target names) of a peft LoRA model's active adapter; (0, ...) for full
+    fine-tuning, also where parameters other than LoRA's train (``modules_to_save``) or the
+    adapter is not LoRA: the planner's larger figure."""
+    tuner = next((m for m in model.modules() if getattr(m, "peft_config", None)), None)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if tuner is None or any("lora_" not in n for n in trainable):
         return 0, ("q_proj", "v_proj")
-    lora = next(iter(peft.values()))
-    targets = lora.target_modules
-    known = tuple(shape.linears())
+    active = getattr(tuner, "active_adapter", None)
+    active = active[0] if isinstance(active, list) else active
+    lora = tuner.peft_config.get(active) or next(iter(tuner.peft_config.values()))
+    if not hasattr(lora, "r"):
+        return 0, ("q_proj", "v_proj")
+    targets, known = lora.target_modules, tuple(shape.linears())
     if isinstance(targets, str):
         chosen = known if targets == "all-linear" else tuple(t for t in known if t in targets)
     else:
@@ -137,30 +153,58 @@ def _lora(model: nn.Module, shape) -> tuple[int, tuple[str, ...]]:
     return int(lora.r), chosen or known
 
 
-def pick_for(model: nn.Module, input_ids: torch.Tensor, config: ChunkwiseConfig) -> ChunkwiseConfig:
-    """``config`` with the settings ``memory_budget_gb`` allows for this batch (logged);
-    a budget below the smallest step is one ``ConfigError`` naming the least that fits."""
+def free_bytes(device: torch.device) -> float:
+    """What a CUDA device can still give this process: free, plus what torch's allocator holds
+    unused; inf elsewhere."""
+    if device.type != "cuda":
+        return math.inf
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def pick_for(
+    model: nn.Module, input_ids: torch.Tensor, config: ChunkwiseConfig, masked: bool = False,
+    free: float | None = None, **zero,
+) -> ChunkwiseConfig:  # fmt: skip
+    """``config`` with the settings ``memory_budget_gb`` allows for this batch (logged); the
+    budget capped by ``free`` (default: ``free_bytes`` of the batch's device). A budget below
+    the smallest step is one ``ConfigError`` naming the least that fits."""
     from ds_chunk.loss import auto_sub_chunk
 
-    shape, setup = planned_setup(model, input_ids, config)
-    budget = config.memory_budget_gb * 2**30
-    where = ""
-    if input_ids.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(input_ids.device)
-        if free < budget:
-            budget, where = free, f" (only {free / 2**30:.2f} GiB free on {input_ids.device})"
+    shape, setup = planned_setup(model, input_ids, config, masked, **zero)
+    free = free_bytes(input_ids.device) if free is None else free
+    budget = min(config.memory_budget_gb * 2**30, free)
     first = config.loss_chunk_size
     first = auto_sub_chunk(shape.vocab, setup.batch) if first == "auto" else first or setup.seq_len
     loss_chunks = [first] + [s for s in (1024, 512, 256, 128, SMALLEST) if s < first]
-    keep = config.sparse is None and not config.truncate
-    chosen = pick(shape, setup, budget, loss_chunks, keep)
+    chosen = pick(shape, setup, budget, loss_chunks)
+    free_gib, device = free / 2**30, input_ids.device
+    capped = f" (capped: {free_gib:.2f} GiB free on {device})" if free == budget < math.inf else ""
     if chosen is None:
-        least = smallest(shape, setup)
+        least = smallest(shape, setup, loss_chunks[-1])
+        what = f"{least.budget_bytes / 2**30:.3f} GiB" + (
+            f" free on {device}, which has {free_gib:.2f}" if capped else ""
+        )
         raise ConfigError(
             "chunkwise.memory_budget_gb", config.memory_budget_gb,
-            f"at least {least.budget_bytes / 2**30:.3f} GiB{where}: the smallest step of this model on "
-            f"{setup.batch} x {setup.seq_len} tokens (chunk_size {SMALLEST}, loss_chunk_size {SMALLEST}, nothing "
-            f"kept) takes {least.step_bytes / 2**30:.3f} GiB as the planner predicts, and {MARGIN:.0%} is left free",
+            f"at least {what}: the smallest step of this model on {setup.batch} x {setup.seq_len} tokens "
+            f"(chunk_size {SMALLEST}, loss_chunk_size {loss_chunks[-1]}, nothing kept) takes "
+            f"{least.step_bytes / 2**30:.3f} GiB as the planner predicts, and {MARGIN:.0%} is left free",
         )  # fmt: skip
-    logger.info(chosen.line(setup.batch, setup.seq_len) + where)
+    logger.info(chosen.line(setup.batch, setup.seq_len) + capped)
     return chosen.apply(config)
+
+
+def agreed_pick(scheduler, model: nn.Module, input_ids: torch.Tensor, attention_mask, all_reduce) -> None:
+    """ZeRO-3 ranks run one schedule: plan every rank from the least free memory and, if any
+    rank's batch is padded, masked attention (one all-reduce per micro-batch), so each gets
+    the same pick, or the same error; stored under this rank's own ``plan_key``."""
+    key = scheduler.plan_key(input_ids, attention_mask)
+    local = torch.tensor([-min(free_bytes(input_ids.device), 2.0**62), float(key[1])], dtype=torch.float64)
+    free, masked = all_reduce(local.to(input_ids.device), torch.distributed.ReduceOp.MAX).tolist()
+    agreed = (key[0], bool(masked), "agreed")
+    if agreed not in scheduler.picks:
+        scheduler.picks[agreed] = pick_for(
+            model, input_ids, scheduler.config, bool(masked), -free, **scheduler.partitioning
+        )
+    scheduler.picks[key] = scheduler.picks[agreed]

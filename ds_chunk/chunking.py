@@ -72,7 +72,9 @@ def join_kept(
     Returns the bounds and flags to run, and the index of the joined chunk's first original
     chunk (run chunk j > first is original chunk j + the number joined away).
     """
-    last = max((c for c, x in enumerate(has_loss) if x), default=0)
+    if not any(has_loss):  # nothing to replay (a micro-batch of prompt tokens only)
+        return bounds, has_loss, 0
+    last = max(c for c, x in enumerate(has_loss) if x)
     first = max(0, last - keep)
     joined = [(bounds[first][0], bounds[last][1])]
     return bounds[:first] + joined + bounds[last + 1 :], has_loss[:first] + [True] + has_loss[last + 1 :], first

@@ -186,10 +186,10 @@ class ChunkwiseConfig:
         forward and their KV leaves are skipped, at the memory of their activations. 0: SeCO
         as is; at least the number of chunks: plain backprop. Exact; SeCO only.
     memory_budget_gb: the memory (GiB) one training step may add on top of what is held
-        before it (weights, optimizer states): at the first step of each batch shape the
-        planner picks chunk_size, loss_chunk_size and keep_chunks, the fastest whose
-        predicted step peak fits (``ds_chunk.budget``); on CUDA never more than is free.
-        Absent: the settings as given.
+        before it (weights, optimizer states): at the first step of each batch shape (padded
+        or not) the planner picks chunk_size, loss_chunk_size and keep_chunks, the fastest
+        whose predicted step peak fits (``ds_chunk.budget``); on CUDA never more than is free
+        then. SeCO only. Absent: the settings as given.
     """
 
     enabled: bool = True
@@ -226,15 +226,19 @@ class ChunkwiseConfig:
             max_consecutive_skips=_int(f"{prefix}.max_consecutive_skips", b.get("max_consecutive_skips", 5), 0),
             keep_chunks=_int(f"{prefix}.keep_chunks", b.get("keep_chunks", 0), 0),
             memory_budget_gb=_positive(f"{prefix}.memory_budget_gb", b.get("memory_budget_gb")),
-        ).checked(prefix)
+        )
 
-    def checked(self, prefix: str = "chunkwise") -> ChunkwiseConfig:
-        """Settings that cannot go together: kept chunks are SeCO's (a SpaCO draw or truncation
-        decides per chunk, and a kept group is one)."""
-        if self.keep_chunks and (self.sparse is not None or self.truncate):
-            what = "chunkwise.sparse (SpaCO)" if self.sparse is not None else "chunkwise.truncate"
-            raise ConfigError(f"{prefix}.keep_chunks", self.keep_chunks, f"0 with {what}: kept chunks are SeCO's")
-        return self
+    def __post_init__(self):
+        """Settings that cannot go together: kept chunks and a memory budget are SeCO's (a SpaCO
+        draw or truncation decides per chunk, a kept group is one, and a budget may pick one
+        chunk for the whole row)."""
+        other = "chunkwise.sparse (SpaCO)" if self.sparse is not None else None
+        other = "chunkwise.truncate" if self.truncate else other
+        if other and self.keep_chunks:
+            raise ConfigError("chunkwise.keep_chunks", self.keep_chunks, f"0 with {other}: kept chunks are SeCO's")
+        if other and self.memory_budget_gb is not None:
+            raise ConfigError("chunkwise.memory_budget_gb", self.memory_budget_gb,
+                              f"null with {other}: set chunk_size and loss_chunk_size instead")  # fmt: skip
 
     @classmethod
     def from_ds_config(cls, config: str | os.PathLike | dict, source: str | None = None) -> ChunkwiseConfig:

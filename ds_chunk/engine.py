@@ -13,7 +13,6 @@ several backwards without that flag keep only the last one's gradient.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ds_chunk.budget import agreed_pick
 from ds_chunk.chunking import IGNORE_INDEX, chunk_bounds, prepare_labels
 from ds_chunk.config import OUR_BLOCKS, ChunkwiseConfig
 from ds_chunk.documents import Layout, check_packed
@@ -193,6 +193,10 @@ class ChunkwiseEngine:
         self.engine = engine
         self.chunkwise = chunkwise
         self.scheduler = ChunkScheduler(chunkwise)
+        self.scheduler.partitioning = {
+            "zero_stage": engine.zero_optimization_stage(),
+            "world_size": self.rank_and_world()[1],
+        }
         self.zero3 = engine.zero_optimization_stage() == 3
         self.grads = None if self.zero3 else LocalGrads(engine.module.parameters())
         self.last_results: list = []  # ChunkResult of each micro-batch of the last step
@@ -300,23 +304,17 @@ class ChunkwiseEngine:
         """ZeRO-3: whether each chunk holds a supervised token on any rank (None otherwise)."""
         if not self.zero3:
             return None
-        size = self._settings(ids).chunk_size if self.chunkwise.enabled else ids.shape[1]
+        if self.chunkwise.memory_budget_gb is not None:  # the ranks plan alike (budget.agreed_pick)
+            agreed_pick(self.scheduler, self.engine.module, ids, mask, self._all_reduce)
+        size = (
+            self.scheduler.settings(self.engine.module, ids, mask).chunk_size
+            if self.chunkwise.enabled
+            else ids.shape[1]
+        )
         supervised = prepare_labels(ids, labels, mask) != IGNORE_INDEX
         flags = torch.tensor([float(supervised[:, s:e].any()) for s, e in chunk_bounds(ids.shape[1], size)])
         flags = self._all_reduce(flags.to(ids.device), torch.distributed.ReduceOp.MAX)
         return [bool(f) for f in flags.tolist()]
-
-    def _settings(self, ids: torch.Tensor) -> ChunkwiseConfig:
-        """ZeRO-3: the scheduler's settings for this batch shape, the same on every rank (a
-        memory budget capped by a rank's free CUDA memory may pick less there: the least wins)."""
-        settings = self.scheduler.settings(self.engine.module, ids)
-        if self.chunkwise.memory_budget_gb is None:
-            return settings
-        least = torch.tensor([settings.chunk_size, settings.keep_chunks, settings.loss_chunk_size], device=ids.device)
-        chunk, keep, sub = self._all_reduce(least, torch.distributed.ReduceOp.MIN).tolist()
-        settings = dataclasses.replace(settings, chunk_size=chunk, keep_chunks=keep, loss_chunk_size=sub)
-        self.scheduler.picks[tuple(ids.shape)] = settings
-        return settings
 
     def _all_finite(self, grads) -> bool:
         """Whether the step's loss and gradient are finite on every rank (one all-reduce)."""

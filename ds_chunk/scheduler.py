@@ -101,7 +101,8 @@ class ChunkScheduler:
         self.backward_fn = backward_fn or autograd_backward
         self.sampler = ChunkSampler(config.sparse) if config.sparse is not None and config.enabled else None
         self.calls = 0  # default SpaCO step index; part of the state for exact resume
-        self.picks: dict[tuple, ChunkwiseConfig] = {}  # memory_budget_gb: batch shape -> settings
+        self.picks: dict[tuple, ChunkwiseConfig] = {}  # memory_budget_gb: plan_key -> settings
+        self.partitioning: dict = {}  # zero_stage, world_size of an engine: what the planner counts per rank
 
     def state_dict(self) -> dict:
         return {"calls": self.calls}
@@ -160,7 +161,7 @@ class ChunkScheduler:
         n = int(supervised.sum()) if num_tokens is None else num_tokens
         if n == 0:
             raise ValueError("no supervised token in the batch: every label is -100 (ignored)")
-        config = self.settings(model, input_ids)
+        config = self.settings(model, input_ids, attention_mask)
         bounds = chunk_bounds(input_ids.shape[1], config.chunk_size if config.enabled else input_ids.shape[1])
         identical = has_loss is not None
         if identical and len(has_loss) != len(bounds):
@@ -198,17 +199,22 @@ class ChunkScheduler:
         return ChunkResult(loss.detach(), n, num_chunks, sorted(weights), weights, host, kind, draw.inclusion, stats,
                            kept=joined)  # fmt: skip
 
-    def settings(self, model: nn.Module, input_ids: torch.Tensor) -> ChunkwiseConfig:
-        """The settings a batch of this shape runs with: the config's, or with
-        ``memory_budget_gb`` the planner's pick for it (``budget.pick_for``, once per shape)."""
+    def settings(self, model: nn.Module, input_ids: torch.Tensor, attention_mask=None) -> ChunkwiseConfig:
+        """The settings a batch runs with: the config's, or with ``memory_budget_gb`` the
+        planner's pick for its shape and whether it is padded (``budget.pick_for``, once each)."""
         if self.config.memory_budget_gb is None or not self.config.enabled:
             return self.config
-        key = tuple(input_ids.shape)
+        key = self.plan_key(input_ids, attention_mask)
         if key not in self.picks:
             from ds_chunk.budget import pick_for
 
-            self.picks[key] = pick_for(model, input_ids, self.config)
+            self.picks[key] = pick_for(model, input_ids, self.config, key[1], **self.partitioning)
         return self.picks[key]
+
+    @staticmethod
+    def plan_key(input_ids: torch.Tensor, attention_mask) -> tuple:
+        """(shape, padded): a padded batch runs masked attention, planned apart."""
+        return tuple(input_ids.shape), attention_mask is not None and not bool(attention_mask.all())
 
     def _plan(self, has_loss: list[bool], sampled: list[int] | None, step: int, rank: int):
         """The draw: the chunks to replay and their weights (``sampling.FixedDraw``), or the

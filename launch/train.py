@@ -345,8 +345,11 @@ def begin(args: argparse.Namespace, engine, steps: int, resume: str | None, cfg:
     )
     budget = engine.chunkwise.memory_budget_gb
     size = f"settings picked for a {budget:g} GiB step budget" if budget else f"chunk {engine.chunkwise.chunk_size}"
-    logging.getLogger("ds_chunk").addHandler(_Lines(log))  # the budget's pick, above the bar
-    logging.getLogger("ds_chunk").setLevel(logging.INFO)
+    logger = logging.getLogger("ds_chunk")  # the budget's pick, above the bar (one handler: runs in one process)
+    for old in [h for h in logger.handlers if isinstance(h, _Lines)]:
+        logger.removeHandler(old)
+    logger.addHandler(_Lines(log))
+    logger.setLevel(logging.INFO)
     log.message(
         f"ds_chunk: {method_name(engine.chunkwise)}"
         + (f", {size}" if chunked else " (no chunkwise block: chunking off)")
@@ -433,7 +436,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     resume = resume_point(args.output_dir, args.resume, args.resume_from, args.overwrite_output_dir)
     if resume:
         run_folder.check_resume(resume, cfg)
-    if chunkwise.enabled and chunkwise.chunk_size >= args.seq_len:
+    if chunkwise.enabled and chunkwise.chunk_size >= args.seq_len and chunkwise.memory_budget_gb is None:
         warnings.warn(f"chunk_size {chunkwise.chunk_size} >= --seq-len {args.seq_len}: one chunk per sequence, "
                       "so this trains as plain backprop (lower --chunk-size to train chunk-wise)",
                       stacklevel=1)  # fmt: skip

@@ -62,10 +62,24 @@ def test_kept_chunks_equal_full_backprop_float64(keep, case):
     assert calls.count(True) == last - kept + 1  # replays: the joined chunk once
 
 
-def test_kept_chunks_refused_where_they_are_not_exact():
+def test_kept_chunks_and_a_micro_batch_without_a_supervised_token():
+    """Gradient accumulation hands the normaliser of the whole step: a micro-batch of prompt
+    tokens only replays nothing and adds nothing, kept chunks or not."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 97, (1, 30))
+    labels = torch.full_like(ids, -100)
+    result = ChunkScheduler({"chunk_size": 8, "keep_chunks": 2}).backward(model, ids, labels, num_tokens=10)
+    assert result.replayed == [] and all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_kept_chunks_and_a_budget_refused_where_they_are_not_seco():
     for block, what in (({"sparse": {"rate": 0.5}}, "sparse"), ({"truncate": True}, "truncate")):
         with pytest.raises(ConfigError, match=f"chunkwise.keep_chunks = 2: expected 0 with chunkwise.{what}"):
             ChunkwiseConfig.from_dict({"keep_chunks": 2, **block})
+        with pytest.raises(ConfigError, match=f"chunkwise.memory_budget_gb = 1.0: expected null with chunkwise.{what}"):
+            ChunkwiseConfig.from_dict({"memory_budget_gb": 1, **block})
+    with pytest.raises(ConfigError, match="chunkwise.keep_chunks = 1: expected 0 with chunkwise.truncate"):
+        ChunkwiseConfig(keep_chunks=1, truncate=True)  # made directly, as ChunkScheduler or the Trainer may be given
     with pytest.raises(ConfigError, match=r"memory_budget_gb = -1: expected a number > 0 \(GiB\), or null"):
         ChunkwiseConfig.from_dict({"memory_budget_gb": -1})
 
@@ -165,6 +179,35 @@ def test_the_setup_read_from_a_peft_model():
     assert (setup.lora_rank, setup.lora_targets, setup.quant) == (4, ("q_proj", "v_proj"), "none")
     assert setup.kv_offload
     assert shape.layers == 2 and shape.kv_heads == 2
+
+
+def test_padded_batches_are_planned_for_masked_attention():
+    """A padded batch runs HF's masked sdpa (K/V repeated for GQA, a mask per layer): planned
+    apart, with at least as much memory."""
+    model = tiny_model("llama", dtype=torch.float32)
+    ids = torch.randint(0, 97, (2, 400))
+    mask = torch.ones_like(ids)
+    mask[1, 300:] = 0
+    config = ChunkwiseConfig.from_dict({"memory_budget_gb": 1.0})
+    _, plain = planned_setup(model, ids, config)
+    _, padded = planned_setup(model, ids, config, masked=True)
+    assert (plain.attention, padded.attention) == ("auto", "masked")
+    scheduler = ChunkScheduler(config)
+    scheduler.backward(model, ids, attention_mask=mask)
+    assert list(scheduler.picks) == [((2, 400), True)]
+
+
+def test_peft_models_the_planner_cannot_call_lora_are_planned_as_full_fine_tuning():
+    from peft import LoraConfig, get_peft_model
+
+    config = ChunkwiseConfig.from_dict({"memory_budget_gb": 1.0})
+    ids = torch.zeros(1, 100, dtype=torch.long)
+    saved = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert planned_setup(saved, ids, config)[1].lora_rank == 0  # the head trains: its gradient counts
+    two = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    two.add_adapter("big", LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
+    two.set_adapter("big")
+    assert planned_setup(two, ids, config)[1].lora_rank == 16
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ CSV_FIELDS = [
     "dtype", "batch", "lora_rank", "threads", "repeats", "status", "s_per_step", "s_mean", "s_all",
     "cpu_s_per_step", "cpu_s_mean", "cpu_s_all", "warmup_s", "peak_mib", "peak_abs_mib", "loaded_mib",
     "replayed_mean", "wall_s", "error", "kv_offload", "host_mib", "keep_chunks", "memory_budget_gb", "picked",
-    "predicted_mib",
+    "predicted_mib", "lora_targets",
 ]  # fmt: skip
 
 
@@ -23,7 +23,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
+            text = {k: " ".join(v) if k == "lora_targets" else json.dumps(v) if isinstance(v, list) else v
+                    for k, v in row.items()}  # fmt: skip
+            writer.writerow(text)
 
 
 def _reference(row: dict, rows: list[dict], ref: str | None) -> dict | None:

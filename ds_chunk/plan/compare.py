@@ -28,11 +28,12 @@ def setup_from_bench_row(row: dict) -> Setup:
     """The Setup of one ``ds_chunk.bench`` CSV row (measured on one device, no ZeRO)."""
     method = row["method"]
     rate = float(method.split("@")[1]) if method.startswith("spaco@") else None
-    qlora = row["weights"] == "qlora"
+    qlora, lora = row["weights"] == "qlora", row["weights"] in ("lora", "qlora")
     return Setup(
         seq_len=int(row["seq_len"]),
         method="spaco" if rate else method,
         chunk_size=int(row["chunk_size"]),
+        keep_chunks=int(row.get("keep_chunks") or 0),
         loss_chunk_size=_loss_chunk(row),
         sparse_rate=rate,
         # the scheduler's own attention (ds_chunk.attention): CPU flash, or CUDA flash for 16-bit
@@ -41,7 +42,8 @@ def setup_from_bench_row(row: dict) -> Setup:
         batch=int(row["batch"]),
         dtype=row["dtype"],
         quant="4bit" if qlora else "none",
-        lora_rank=int(row.get("lora_rank") or 8) if qlora else 0,
+        lora_rank=int(row.get("lora_rank") or 8) if lora else 0,
+        lora_targets=tuple((row.get("lora_targets") or "q_proj v_proj").split()),
         reserve_gb=0.0,
     )
 

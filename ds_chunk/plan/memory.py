@@ -3,7 +3,7 @@ the peak of one step per method (seco / spaco, plain, ckpt)."""
 
 from __future__ import annotations
 
-from ds_chunk.plan.shape import ADAM_STATE_BYTES, MASTER_BYTES, ModelShape, Setup
+from ds_chunk.plan.shape import ADAM_STATE_BYTES, DTYPE_BYTES, MASTER_BYTES, ModelShape, Setup
 
 # ---- persistent memory: weights, LoRA, optimizer ---------------------------------------
 
@@ -26,7 +26,7 @@ def trainable_bytes(setup: Setup) -> int:
     peft keeps LoRA weights in float32 even on a 16-bit base (autocast_adapter_dtype), so
     LoRA params and their grads are 4 bytes; full fine-tuning trains in ``dtype``.
     """
-    return 4 if setup.lora_rank else setup.bytes
+    return 4 if setup.lora_rank else DTYPE_BYTES[setup.grad_dtype] if setup.grad_dtype else setup.bytes
 
 
 def weight_bytes(shape: ModelShape, setup: Setup) -> float:

@@ -157,6 +157,7 @@ class Setup:
     dtype: str = "bfloat16"  # parameters and activations
     quant: str = "none"  # none | 8bit | 4bit (base linear weights, bitsandbytes)
     lora_rank: int = 0  # 0: full fine-tuning
+    grad_dtype: str | None = None  # full fine-tuning: the gradients' dtype if not dtype (fp32 weights under autocast)
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     zero_stage: int = 0
     offload_optimizer: bool = False
