@@ -55,11 +55,13 @@ def markdown_table(rows: list[dict], ref: str | None) -> str:
     host = any(row.get("host_mib") for row in rows)  # kv_offload points: the part in host memory
     head = ["method", "T", "wall s/step", "CPU s/step", "CPU s/step mean", "peak MiB"] + ["host MiB"] * host
     head += [f"time x {ref}", f"time x {ref} (mean)", f"mem x {ref}", "replayed"]
+    picks = any(row.get("picked") for row in rows)  # memory_budget_gb points: what the planner picked
+    head += ["picked", "planner MiB"] * picks
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["label"], str(row["seq_len"])]
         if row["status"] != "ok":
-            cells += [row["status"]] * 4 + [""] * (4 + host)
+            cells += [row["status"]] * 4 + [""] * (4 + host + 2 * picks)
         else:
             base = _reference(row, rows, ref)
             median, mean = time_keys(row)
@@ -67,6 +69,7 @@ def markdown_table(rows: list[dict], ref: str | None) -> str:
             cells += [_fmt(row.get("peak_mib"), 0)] + [_fmt(row.get("host_mib"), 0)] * host
             cells += [_ratio(row, base, median), _ratio(row, base, mean)]
             cells += [_ratio(row, base, "peak_mib", 3), _replayed(row)]
+            cells += [row.get("picked") or "", _fmt(row.get("predicted_mib"), 0)] * picks
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
