@@ -6,7 +6,8 @@ Prints a table: the largest relative gradient error over the trainable parameter
 (||g_seco - g_full|| / ||g_full||) for LoRA and full fine-tuning in float64 (the reference
 cross-entropy computed in float64; RMSNorm in float64 or as transformers computes it, in
 float32), and for LoRA on nf4 and on the unquantized model in float32. Text: this
-repository's README through the model's tokenizer.
+repository's README of December 2026 (`benchmarks/data/real_text.md`, frozen so that editing
+the README does not move the figures) through the model's tokenizer.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def rmsnorm_in_float64():
 def text_ids(path: str, n: int) -> torch.Tensor:
     from transformers import AutoTokenizer
 
-    with open(os.path.join(ROOT, "README.md")) as f:
+    with open(os.path.join(ROOT, "benchmarks", "data", "real_text.md")) as f:
         return AutoTokenizer.from_pretrained(path)(f.read(), return_tensors="pt").input_ids[:, :n]
 
 

@@ -1,5 +1,5 @@
 """ChunkwiseTrainer / with_chunkwise(SFTTrainer) against the parent, per setting: the relative
-errors behind README's table (the same runs as tests/test_hf.py, ~1 min on CPU).
+errors behind docs/trainer.md's table (the same runs as tests/test_hf.py, ~1 min on CPU).
 
     python benchmarks/trainer_equivalence.py
 """
@@ -69,15 +69,26 @@ def sft_case(tmp, mode, chunkwise=t.CHUNK):
     return loss_err(ours, parent), t._update_err(ours.model, parent.model, start), metrics
 
 
+# each setting as docs/trainer.md's table names it
+LABELS = {
+    "completion_only_loss": "`completion_only_loss` (prompt/completion)",
+    "assistant_only_loss": "`assistant_only_loss` (conversational, assistant masks)",
+    "packing_wrapped": '`packing=True, packing_strategy="wrapped"`',
+    "bfd": 'packed: `packing=True` (`"bfd"`, the default)',
+    "bfd_split": 'packed: `packing_strategy="bfd_split"`',
+    "padding_free": "packed: `padding_free=True`, no packing",
+    "bfd_completion_only": 'packed: `"bfd"` + `completion_only_loss`',
+    "bfd_assistant_only": 'packed: `"bfd"` + `assistant_only_loss`',
+}
 CASES = [
     ("Trainer", "plain", lambda d: trainer_case(d)),
     ("Trainer", "bf16 autocast (both sides)", lambda d: trainer_case(d, bf16=True)),
     ("Trainer", "peft LoRA", lora_case),
     ("Trainer", "DeepSpeed ZeRO-2 from a JSON with the block", lambda d: deepspeed_case(d, False)),
-    ("Trainer", "same + offload_optimizer", lambda d: deepspeed_case(d, True)),
-    *[("SFTTrainer", mode, lambda d, m=mode: sft_case(d, m)) for mode in t.SFT_MODES],
+    ("Trainer", "same + `offload_optimizer`", lambda d: deepspeed_case(d, True)),
+    *[("SFTTrainer", LABELS[mode], lambda d, m=mode: sft_case(d, m)) for mode in t.SFT_MODES],
     *[  # packed rows, chunks of 5 cutting the documents
-        ("SFTTrainer", f"packed: {mode}", lambda d, m=mode: sft_case(d, t.PACKED_MODES[m], {"chunk_size": 5}))
+        ("SFTTrainer", LABELS[mode], lambda d, m=mode: sft_case(d, t.PACKED_MODES[m], {"chunk_size": 5}))
         for mode in t.PACKED_MODES
     ],
 ]
@@ -88,4 +99,4 @@ for parent, setting, case in CASES:
         rows.append((parent, setting, *case(tmp)))
 print("| parent | setting | losses | weight updates | SFT metrics |\n|---|---|---:|---:|---:|")
 for parent, setting, losses, updates, *metrics in rows:
-    print(f"| {parent} | {setting} | {losses:.1e} | {updates:.1e} | {f'{metrics[0]:.1e}' if metrics else ''} |")
+    print(f"| `{parent}` | {setting} | {losses:.1e} | {updates:.1e} | {f'{metrics[0]:.1e}' if metrics else ''} |")

@@ -1,6 +1,6 @@
 """The CUDA-only paths, checked without a GPU: the arithmetic and the calls they make (CUDA
 functions mocked, recording their arguments), and, where the same code runs on CPU, its
-results. What only a GPU can tell (speed, overlap, Triton kernels) is listed in README."""
+results. What only a GPU can tell (speed, overlap, Triton kernels) is listed in docs/models.md."""
 
 import json
 import os

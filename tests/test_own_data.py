@@ -268,16 +268,11 @@ def test_shm_buffers_of_a_run_are_removed(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == sorted([*names[:2], "other_29501_0"])
 
 
-def test_readme_deepspeed_example_is_the_script_and_runs():
-    """README's "With DeepSpeed" block is launch/minimal_deepspeed.py; it runs under plain python."""
+def test_readme_deepspeed_example_is_the_script():
+    """README's "With DeepSpeed" block is launch/minimal_deepspeed.py (tests/test_docs.py runs both)."""
     script = open(os.path.join(ROOT, "launch", "minimal_deepspeed.py")).read()
     code = script[script.index("import torch") :]
     assert f"```python\n{code}```" in open(os.path.join(ROOT, "README.md")).read()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "launch/minimal_deepspeed.py"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "step 7: loss" in proc.stdout
 
 
 def test_model_without_tokenizer_and_a_typo_are_one_line_at_once(tmp_path, monkeypatch):

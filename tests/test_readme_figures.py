@@ -1,6 +1,7 @@
-"""Figures README.md quotes from a deterministic command are that command's output today.
+"""Figures README.md and docs/ quote from a deterministic command are that command's output today,
+and a figure quoted twice is the same in both places.
 
-python tests/test_readme_figures.py    # prints the tables as they should read in README
+python tests/test_readme_figures.py    # prints the planner table as it should read in docs/benchmarks.md
 """
 
 import os
@@ -8,16 +9,16 @@ import re
 
 from ds_chunk.plan import GIB, ModelShape, estimate, parse_args, setup_from_args
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# README's command for the Llama-3-8B table, one sequence length per row
+# docs/benchmarks.md's command for the Llama-3-8B table, one sequence length per row
 PLANNER = ("--config llama-3-8b --seq-len {T} --chunk-size 1024 --loss-chunk-size 256 --quant 4bit --lora-rank 8 "
            "--zero-stage 1 --offload-optimizer")  # fmt: skip
 PLANNER_HEADER = "| T | device GiB, HF masked sdpa | device GiB, flash chunk attention |"
 
 
 def planner_rows() -> list[str]:
-    """The rows of README's Llama-3-8B table as ``python -m ds_chunk.plan`` computes them now."""
+    """The rows of the Llama-3-8B table as ``python -m ds_chunk.plan`` computes them now."""
     rows = []
     for t in (16384, 32768, 65536, 131072):
         args = PLANNER.format(T=t).split()
@@ -31,18 +32,33 @@ def planner_rows() -> list[str]:
     return rows
 
 
-def readme_rows(header: str) -> list[str]:
-    """The data rows of the README table whose header starts with ``header``."""
-    with open(README) as f:
+def table_rows(page: str, header: str) -> list[str]:
+    """The data rows of the table of ``page`` whose header starts with ``header``."""
+    with open(os.path.join(ROOT, page)) as f:
         text = f.read()
     start = text.index(header)
     table = re.match(r"((?:\|.*\n)+)", text[start:]).group(1).strip().splitlines()
     return table[2:]  # past the header and the |---| line
 
 
-def test_readme_planner_table_is_what_the_planner_prints():
+def test_planner_table_is_what_the_planner_prints():
     want = planner_rows()
-    assert readme_rows(PLANNER_HEADER) == want, "README's planner table is stale; it should read:\n" + "\n".join(want)
+    got = table_rows("docs/benchmarks.md", PLANNER_HEADER)
+    assert got == want, "docs/benchmarks.md's planner table is stale; it should read:\n" + "\n".join(want)
+
+
+def test_readme_headline_is_the_memory_budget_table():
+    """README's headline rows quote docs/memory-budget.md's T=4096 rows: the same figures."""
+    budget = {}
+    for row in table_rows("docs/memory-budget.md", "| T | method | budget GiB |"):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if cells[0] == "4096":  # T, method, budget, picked, peak, planner, s/step, x plain, x ckpt, mem x plain
+            budget[cells[2] or cells[1]] = (cells[4], cells[9], f"{float(cells[6]):.1f}", cells[7])
+    for row in table_rows("README.md", "| method | step peak MiB |"):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        key = next((k for k in budget if f"`memory_budget_gb: {k}`" in cells[0]), None)
+        key = key or {"plain backprop": "plain backprop", "HF gradient checkpointing": "HF checkpointing"}[cells[0]]
+        assert tuple(cells[1:]) == budget[key], f"README's '{cells[0]}' row differs from docs/memory-budget.md"
 
 
 if __name__ == "__main__":

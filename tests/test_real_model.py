@@ -48,7 +48,7 @@ def _load(path: str, dtype=torch.float64):
 
 
 def _text_ids(path: str, n: int) -> torch.Tensor:
-    """n tokens of real text (this repository's README, through the model's tokenizer)."""
+    """n tokens of real text (benchmarks/data/real_text.md through the model's tokenizer)."""
     ids = text_ids(path, n)
     assert ids.shape[1] == n
     return ids

@@ -17,7 +17,7 @@ Methods: ``seco``, ``truncate``, ``<sampler>@<rate>[+sup]`` with sampler ``spaco
 (bernoulli), ``gradient`` or ``paper``, and ``+sup`` for ``always_replay: "supervised"``;
 ``base``: the untouched model, evaluated once (``--eval-only``).
 
-``text-passkey`` is the real pretrained model (SmolLM2-135M, RoPE x4, see README):
+``text-passkey`` is the real pretrained model (SmolLM2-135M, RoPE x4, see docs/quality.md):
 
     python -m ds_chunk.bench.quality --tasks text-passkey --methods base seco truncate gradient@0.5+sup
 
