@@ -211,3 +211,23 @@ def test_measured_tables_name_their_command():
             named = "```bash" in around or re.search(r"`(python |ds-chunk-plan|tests/)", around)
             line = text[: m.start()].count("\n") + 1
             assert named, f"{page}:{line}: a table of figures without the command that produced them"
+
+
+def _anchors(page: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"```.*?```", "", open(os.path.join(ROOT, page)).read(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_links_resolve():
+    """Every relative link names a file of the checkout, and its #anchor a heading of that page."""
+    for page in PAGES:
+        text = re.sub(r"```.*?```", "", open(os.path.join(ROOT, page)).read(), flags=re.S)
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            if link.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = link.partition("#")
+            target = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+            assert os.path.exists(os.path.join(ROOT, target)), f"{page}: {link}: no such file"
+            if anchor:
+                assert anchor in _anchors(target), f"{page}: {link}: no such heading in {target}"
