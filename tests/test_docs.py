@@ -104,7 +104,8 @@ class _Parsed(Exception):
 
 
 def _parse_only(argv: list[str]) -> argparse.Namespace | None:
-    """Parse argv with the parser of the script or module it runs; None for commands that are not ours."""
+    """Parse argv as the script or module it runs would: its ``parse_args(argv)`` where it has one
+    (the checks after parsing included), else its parser inside ``main``; None for commands not ours."""
     if argv[0] == "python" and argv[1] == "-m":
         if argv[2] not in MODULES:
             return None  # pip, pytest
@@ -123,6 +124,8 @@ def _parse_only(argv: list[str]) -> argparse.Namespace | None:
         spec = importlib.util.spec_from_file_location(f"doc_{os.path.basename(path)[:-3]}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+    if hasattr(module, "parse_args"):
+        return module.parse_args(args)
     original = argparse.ArgumentParser.parse_args
 
     def parse(self, args=None, namespace=None):
@@ -140,7 +143,7 @@ def _parse_only(argv: list[str]) -> argparse.Namespace | None:
 
 @pytest.mark.parametrize("block", [b for b in CODE if b.lang == "bash"], ids=lambda b: b.id)
 def test_commands_parse(block: Block, capsys):
-    """Every command's flags exist and take the values given (run or not: a GPU command too)."""
+    """Every command's flags exist and take the values given, as the script checks them (run or not)."""
     for argv in commands(block.code):
         with contextlib.redirect_stderr(sys.stdout):
             try:
@@ -149,16 +152,12 @@ def test_commands_parse(block: Block, capsys):
                 raise AssertionError(f"{block.id}: {shlex.join(argv)}\n{capsys.readouterr().out[-1500:]}") from e
 
 
-def test_python_blocks_not_run_compile():
-    for block in (b for b in CODE if b.lang == "python" and b.not_run):
-        compile(block.code, block.id, "exec")
-
-
-def test_every_not_run_marker_precedes_a_block():
+def test_not_run_markers_are_for_shell_commands_only():
+    """A marker sits right above a block, and only shell blocks have one: every Python example runs."""
     for page in PAGES:
         text = open(os.path.join(ROOT, page)).read()
         for m in NOT_RUN.finditer(text):
-            assert text[m.end() :].startswith("\n```"), f"{page}: '{m.group(0)}' is not right above a code block"
+            assert text[m.end() :].startswith("\n```bash"), f"{page}: '{m.group(0)}' is not above a bash block"
 
 
 def _table_keys(page: str, header: str) -> set[str]:
@@ -197,15 +196,23 @@ def test_launch_page_names_every_flag():
     text = open(os.path.join(ROOT, "docs", "launch.md")).read()
     missing = sorted(f for f in flags - hidden if not re.search(re.escape(f) + r"(?![\w-])", text))
     assert not missing, f"docs/launch.md does not mention {missing}"
+    table = text[text.index("| flag |") :].split("\n\n")[0]
+    stale = sorted(f for f in re.findall(r"`(--[a-z][\w-]*)", table) if f not in flags)
+    assert not stale, f"docs/launch.md's flags table names flags train.py does not have: {stale}"
+
+
+FIGURE = re.compile(r"\**[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?%?\**(?: \(.*\))?")  # a cell that is a number
 
 
 def test_measured_tables_name_their_command():
-    """A table of figures has the command that produced them above it, in a block or inline."""
+    """A table of figures (three or more cells that are numbers) has a command near it, in a shell
+    block or inline: above it, or in the lines right below. Which command made which table is for
+    the reader to see; this catches a table quoted with none."""
     for page in PAGES:
         text = open(os.path.join(ROOT, page)).read()
-        for m in re.finditer(r"(?:^\|.*\n)+", text, re.M):
-            figures = re.findall(r"\|\s*[-+]?\d+\.\d+(?:e-\d+)?\b|\d\.\de-\d\d", m.group(0))
-            if len(figures) < 3:
+        for m in re.finditer(r"^\|.*\n\|[-:| ]+\|\n(?:\|.*\n?)*", text, re.M):
+            cells = [c.strip() for row in m.group(0).splitlines()[2:] for c in row.strip("|").split("|")]
+            if sum(bool(FIGURE.fullmatch(c)) for c in cells) < 3:
                 continue
             around = text[max(0, m.start() - 2500) : m.end() + 1000]  # above it, or right below
             named = "```bash" in around or re.search(r"`(python |ds-chunk-plan|tests/)", around)
