@@ -22,7 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 # name: (page, the table's header, the command that prints it, label columns, tolerance factor)
 # rows a table quotes from another command: the Trainer's 2-rank rows (tests/scripts/hf_two_rank.py)
-ELSEWHERE = {("`Trainer`", "2 ranks, DistributedDataParallel (gloo)"), ("`Trainer`", "2 ranks, DeepSpeed ZeRO-1")}
+ELSEWHERE = {
+    ("`Trainer`", "2 ranks, DistributedDataParallel (gloo)"),
+    ("`Trainer`", "2 ranks, DeepSpeed ZeRO-1"),
+    ("`Trainer`", "2 ranks, DeepSpeed ZeRO-3 (rows of different lengths)"),
+}
 TABLES = {
     "planner": ("docs/benchmarks.md", "| T | device GiB, HF masked", [PY, "tests/test_readme_figures.py"], 1, 1.0),
     "trainer": ("docs/trainer.md", "| parent | setting |", [PY, "benchmarks/trainer_equivalence.py"], 2, 10.0),

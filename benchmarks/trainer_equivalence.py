@@ -18,6 +18,7 @@ from models import tiny_model  # noqa: E402
 from transformers import Trainer  # noqa: E402
 
 from ds_chunk.hf import ChunkwiseTrainer, with_chunkwise  # noqa: E402
+from ds_chunk.zero3 import gathered  # noqa: E402
 
 
 def loss_err(a, b, key="loss") -> float:
@@ -28,10 +29,14 @@ def loss_err(a, b, key="loss") -> float:
 
 
 def trainer_case(tmp, **args):
+    t._fresh_accelerate()  # no ZeRO-3 config left global: it would partition `start` as it is made
     start = tiny_model("llama", dtype=torch.float32, seed=0)
     parent = t._train(Trainer, f"{tmp}/a", args=t._args(f"{tmp}/a", **args))
     ours = t._train(ChunkwiseTrainer, f"{tmp}/b", args=t._args(f"{tmp}/b", **args), chunkwise=t.CHUNK)
-    return loss_err(ours, parent), t._update_err(ours.model, parent.model, start)
+    with gathered([*ours.model.parameters(), *parent.model.parameters()]):  # ZeRO-3: whole weights
+        err = t._update_err(ours.model, parent.model, start)
+    t._fresh_accelerate()
+    return loss_err(ours, parent), err
 
 
 def lora_case(tmp):
@@ -46,11 +51,15 @@ def lora_case(tmp):
     return loss_err(ours, parent), t._update_err(ours.model, parent.model, start)
 
 
-def deepspeed_case(tmp, offload):
+def deepspeed_case(tmp, offload, stage=2):
     cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-           "gradient_clipping": "auto", "zero_optimization": {"stage": 2}, "chunkwise": t.CHUNK}  # fmt: skip
+           "gradient_clipping": "auto", "zero_optimization": {"stage": stage}, "chunkwise": t.CHUNK}  # fmt: skip
+    if stage == 3:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     if offload:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if stage == 3:
+            cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
     else:
         cfg["zero_force_ds_cpu_optimizer"] = False
     path = f"{tmp}/ds.json"
@@ -86,6 +95,8 @@ CASES = [
     ("Trainer", "peft LoRA", lora_case),
     ("Trainer", "DeepSpeed ZeRO-2 from a JSON with the block", lambda d: deepspeed_case(d, False)),
     ("Trainer", "same + `offload_optimizer`", lambda d: deepspeed_case(d, True)),
+    ("Trainer", "DeepSpeed ZeRO-3 from a JSON with the block", lambda d: deepspeed_case(d, False, 3)),
+    ("Trainer", "same + `offload_param` + `offload_optimizer`", lambda d: deepspeed_case(d, True, 3)),
     *[("SFTTrainer", LABELS[mode], lambda d, m=mode: sft_case(d, m)) for mode in t.SFT_MODES],
     *[  # packed rows, chunks of 5 cutting the documents
         ("SFTTrainer", LABELS[mode], lambda d, m=mode: sft_case(d, t.PACKED_MODES[m], {"chunk_size": 5}))

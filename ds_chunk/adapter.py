@@ -170,11 +170,6 @@ def _check_attention(name: str, cfg, seq_len: int) -> None:
             f"{name}: num_kv_shared_layers={cfg.num_kv_shared_layers} (layers reading another layer's K/V) "
             "is not supported"
         )
-    if getattr(cfg, "output_router_logits", False) and getattr(cfg, "router_aux_loss_coef", 0):
-        raise UnsupportedModelError(
-            f"{name}: output_router_logits=True with router_aux_loss_coef={cfg.router_aux_loss_coef}: the MoE "
-            "load-balancing loss is not chunked yet; set output_router_logits=False (or the coefficient to 0)"
-        )
 
 
 def _check_logits(name: str, cfg) -> None:

@@ -19,17 +19,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ds_chunk.budget import agreed_pick
-from ds_chunk.chunking import IGNORE_INDEX, chunk_bounds, prepare_labels
+from ds_chunk.chunking import IGNORE_INDEX, prepare_labels
 from ds_chunk.config import OUR_BLOCKS, ChunkwiseConfig
 from ds_chunk.documents import Layout, check_packed
 from ds_chunk.kv import ChunkCache
 from ds_chunk.ops import announce_op_builds
 from ds_chunk.scheduler import ChunkScheduler, LocalGrads
-from ds_chunk.zero3 import partitioned
+from ds_chunk.zero3 import common_length, joint_schedule, partitioned
 
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "position_ids")  # what train_batch reads from a batch
 
@@ -246,7 +244,7 @@ class ChunkwiseEngine:
         if pos is not None:
             pos = self._positions(ids, pos)
         if self.zero3:
-            ids, labels, mask, pos = self._common_length(ids, labels, mask, pos)
+            ids, labels, mask, pos = common_length(ids, labels, mask, pos, self._all_reduce)
         # Mean over all supervised tokens of the step on all ranks; DeepSpeed averages
         # the ranks' gradients, so each rank divides by (global count / world size).
         local = (prepare_labels(ids, labels, mask) != IGNORE_INDEX).sum().double()
@@ -277,20 +275,6 @@ class ChunkwiseEngine:
             return contextlib.nullcontext()
         return torch.autocast(torch.device(self.engine.device).type, dtype=self.engine.torch_autocast_dtype())
 
-    def _common_length(self, ids, labels, mask, pos):
-        """ZeRO-3: rows right-padded (mask 0, label -100, position 0) to the longest row of any
-        rank, so every rank runs the same number of chunk forwards."""
-        longest = int(self._all_reduce(torch.tensor(ids.shape[1], device=ids.device), torch.distributed.ReduceOp.MAX))
-        mask = torch.ones_like(ids) if mask is None else mask
-        labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if labels is None else labels
-        pad = longest - ids.shape[1]
-        if pad == 0:
-            return ids, labels, mask, pos
-        padded = [F.pad(t, (0, pad), value=v) for t, v in ((ids, 0), (labels, IGNORE_INDEX), (mask, 0))]
-        if pos is not None:  # the positions go on: padding never makes a row look packed
-            pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, pad + 1, device=pos.device)], dim=1)
-        return *padded, pos
-
     def _positions(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """position_ids as [rows, T]; packed rows refused by every rank together where the model
         cannot keep documents apart (one all-reduce), so no rank waits for one that stopped."""
@@ -304,17 +288,7 @@ class ChunkwiseEngine:
         """ZeRO-3: whether each chunk holds a supervised token on any rank (None otherwise)."""
         if not self.zero3:
             return None
-        if self.chunkwise.memory_budget_gb is not None:  # the ranks plan alike (budget.agreed_pick)
-            agreed_pick(self.scheduler, self.engine.module, ids, mask, self._all_reduce)
-        size = (
-            self.scheduler.settings(self.engine.module, ids, mask).chunk_size
-            if self.chunkwise.enabled
-            else ids.shape[1]
-        )
-        supervised = prepare_labels(ids, labels, mask) != IGNORE_INDEX
-        flags = torch.tensor([float(supervised[:, s:e].any()) for s, e in chunk_bounds(ids.shape[1], size)])
-        flags = self._all_reduce(flags.to(ids.device), torch.distributed.ReduceOp.MAX)
-        return [bool(f) for f in flags.tolist()]
+        return joint_schedule(self.scheduler, self.engine.module, ids, labels, mask, self._all_reduce)
 
     def _all_finite(self, grads) -> bool:
         """Whether the step's loss and gradient are finite on every rank (one all-reduce)."""
@@ -363,6 +337,7 @@ class ChunkwiseEngine:
                 forward_fn=self._forward if self.zero3 else None,
                 has_loss=self._schedule(ids_j, labels_j, mask_j),
                 position_ids=pos_j,
+                aux_weight=1.0 / gas,  # an MoE router's loss: DeepSpeed's mean over micro-batches and ranks
             )
             self.last_results.append(result)
 

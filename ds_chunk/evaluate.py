@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 
@@ -15,12 +16,14 @@ from ds_chunk.chunking import IGNORE_INDEX, chunk_bounds, prepare_labels
 from ds_chunk.documents import Layout, MaskKind, check_packed
 from ds_chunk.kv import ChunkCache, KVStore
 from ds_chunk.loss import auto_sub_chunk, token_entropy
+from ds_chunk.router import RouterLoss
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], chunk_size: int) -> dict[str, float]:
     """Mean CE, perplexity, token accuracy, entropy of the predicted distribution and
-    whole-answer accuracy over supervised tokens.
+    whole-answer accuracy over supervised tokens; for an MoE model whose loss adds the router's
+    load-balancing loss, ``aux_loss`` too (its mean over the batches, before the coefficient).
 
     ``sequence_accuracy`` counts a row as right when every supervised token of it is
     predicted (argmax) correctly: recall / passkey accuracy for the synthetic tasks.
@@ -28,7 +31,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], chunk
     hf = unwrap(model)
     was_training = hf.training
     hf.eval()  # no dropout; the 4-bit repacking this would trigger is switched off below
-    totals = {"nll": 0.0, "entropy": 0.0, "tokens": 0, "correct": 0, "rows": 0, "rows_correct": 0}
+    totals = {"nll": 0.0, "entropy": 0.0, "tokens": 0, "correct": 0, "rows": 0, "rows_correct": 0, "aux": []}
     try:
         with no_cpu_inference_packing(hf):
             for batch in batches:
@@ -36,7 +39,9 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], chunk
     finally:
         hf.train(was_training)
     n = max(totals["tokens"], 1)
+    aux = {"aux_loss": sum(totals["aux"]) / len(totals["aux"])} if totals["aux"] else {}
     return {
+        **aux,
         "loss": totals["nll"] / n,
         "perplexity": math.exp(min(totals["nll"] / n, 50.0)),
         "token_accuracy": totals["correct"] / n,
@@ -73,14 +78,18 @@ def _accumulate(hf: nn.Module, batch: dict, chunk_size: int, totals: dict) -> No
     row_wrong = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     padded = mask is not None and not bool(mask.all())
     masks = MaskKind.of(decoder)
+    router = RouterLoss.of(hf)
     with chunk_attention(hf, padded, device, layout.packed) as fast, full_length_rope(hf, layout.longest):
         for c, (s, e) in enumerate(chunk_bounds(ids.shape[1], chunk_size)):
-            hidden = decoder(
-                input_ids=ids[:, s:e],
-                **layout.inputs(s, e, mask if padded else None, fast, masks),
-                use_cache=True,
-                **{key: ChunkCache(store, c, record=True)},
-            )[0]
+            with router.record() if router else contextlib.nullcontext() as logits:
+                hidden = decoder(
+                    input_ids=ids[:, s:e],
+                    **layout.inputs(s, e, mask if padded else None, fast, masks),
+                    use_cache=True,
+                    **{key: ChunkCache(store, c, record=True)},
+                )[0]
+            if router is not None:
+                router.count(c, logits, mask[:, s:e] if padded else None)
             t = target[:, s:e]
             keep = t != IGNORE_INDEX
             if not keep.any():
@@ -91,6 +100,8 @@ def _accumulate(hf: nn.Module, batch: dict, chunk_size: int, totals: dict) -> No
             wrong = torch.zeros_like(keep)
             wrong[keep] = ~hit
             row_wrong |= wrong.any(1)
+    if router is not None:
+        totals["aux"].append(router.value())
     has = (target != IGNORE_INDEX).any(1)
     totals["rows"] += int(has.sum())
     totals["rows_correct"] += int((has & ~row_wrong).sum())

@@ -14,6 +14,8 @@ DeepSpeed the chunk backwards never reach accelerate's ``backward`` (which would
 engine each time), nor the engine: they go to a buffer of each rank, and the
 Trainer step's last micro-batch ends with one boundary backward, which hands DeepSpeed the
 gradient the chunk backwards collected locally (one reduction), and one ``engine.step()``.
+Under ZeRO-3 the ranks run one joint schedule, the chunk backwards go to the engine (see
+``_DeepSpeed``), and evaluation is the parent's full forward without gradients.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from torch import nn
 from ds_chunk.adapter import UnsupportedModelError, check_supported, unwrap
 from ds_chunk.config import ChunkwiseConfig
 from ds_chunk.documents import Layout, check_packed
-from ds_chunk.engine import boundary_backward, check_engine, chunk_modes, refuse_float_quant_storage
+from ds_chunk.engine import boundary_backward, check_engine, chunk_backward, chunk_modes, refuse_float_quant_storage
 from ds_chunk.neftune import row_noise
 from ds_chunk.scheduler import ChunkScheduler, LocalGrads
+from ds_chunk.zero3 import common_length, joint_schedule
 
 logger = logging.getLogger("ds_chunk")
 
@@ -142,8 +145,6 @@ class _ChunkwiseMixin:
                     check_packed(unwrap(self.model), True)
                 except ValueError as e:
                     refuse("padding_free / packing_strategy 'bfd'", str(e))
-            if getattr(self, "aux_loss_enabled", False):
-                refuse("router_aux_loss_coef (MoE load-balancing loss)", "not chunked yet; set it to 0")
             if getattr(args, "activation_offloading", False):
                 refuse("activation_offloading = True", 'use "chunkwise": {"kv_offload": true} instead')
         try:
@@ -162,6 +163,9 @@ class _ChunkwiseMixin:
         inputs = self._prepare_inputs(inputs)
         ids, labels, mask, positions = self._chunk_inputs(inputs)
         driver = self._driver = self._driver or _driver_for(model, self.accelerator)
+        ids, labels, mask, positions, has_loss = driver.schedule(
+            self._scheduler, unwrap(model), ids, labels, mask, positions
+        )  # ZeRO-3: padded to every rank's length, has_loss: the ranks' joint supervised chunks
         sync = self.accelerator.sync_gradients  # the Trainer step's last micro-batch
         step = self.state.global_step * self.args.gradient_accumulation_steps + self._micro
         noise = row_noise(unwrap(model), ids) if self.neftune_noise_alpha is not None else contextlib.nullcontext()
@@ -174,25 +178,41 @@ class _ChunkwiseMixin:
                 num_tokens=self._normalizer(labels, ids, mask, num_items_in_batch),
                 boundary=False,
                 step=step,
-                rank=self.args.process_index,
+                rank=0 if has_loss is not None else self.args.process_index,  # ZeRO-3: one draw for all ranks
                 backward_fn=driver.backward_fn,
                 forward_fn=driver.forward,
                 position_ids=positions,
+                has_loss=has_loss,
                 token_stats=self._sft,
+                aux_weight=self._aux_weight(num_items_in_batch),
             )
             if sync:
                 driver.end_step()
         self._micro = 0 if sync else self._micro + 1
         if self._sft:
-            self._sft_metrics(inputs, result.token_stats)
+            self._sft_metrics(inputs, result.token_stats, result.aux_loss)
         return torch.tensor(float(result.loss), dtype=torch.float32, device=self.args.device)
 
-    def _sft_metrics(self, inputs: dict, stats) -> None:
+    def _zero3(self) -> bool:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
+        return plugin is not None and plugin.zero_stage == 3
+
+    def _aux_weight(self, num_items_in_batch) -> float:
+        """How the parent weighs a micro-batch's MoE load-balancing loss (coef * aux): SFTTrainer
+        divides it by the accumulation steps; Trainer takes the model's loss, scaled as the
+        cross-entropy is (by the ranks where the tokens are averaged over them, else 1 / GA)."""
+        if num_items_in_batch is None or self._sft:
+            return 1.0 / self.current_gradient_accumulation_steps
+        return self.accelerator.num_processes // self.get_tp_size() if self.args.average_tokens_across_devices else 1
+
+    def _sft_metrics(self, inputs: dict, stats, aux_loss: float | None) -> None:
         """What SFTTrainer.compute_loss logs in training: entropy and mean_token_accuracy over
         the supervised tokens of the micro-batch, all ranks (not where the loss is a SpaCO
-        estimate or a fused kernel made no logits), and the running num_tokens."""
+        estimate or a fused kernel made no logits), the running num_tokens, and an MoE
+        model's aux_loss (the ranks' mean)."""
         if stats is not None:
             self._token_metrics("train", stats.tokens, stats.entropy, stats.correct)
+        self._aux_metric("train", aux_loss)
         gather = self.accelerator.gather_for_metrics
         if "attention_mask" in inputs:
             tokens = gather(inputs["attention_mask"].sum()).sum().item()
@@ -200,6 +220,11 @@ class _ChunkwiseMixin:
             tokens = gather(torch.tensor(inputs["input_ids"].size(1), device=self.args.device)).sum().item()
         self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)
         self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
+    def _aux_metric(self, mode: str, aux_loss: float | None) -> None:
+        if aux_loss is not None:
+            aux = torch.tensor(float(aux_loss), device=self.args.device)
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux).mean().item())
 
     def _token_metrics(self, mode: str, tokens: float, entropy: float, correct: float) -> None:
         """SFTTrainer's entropy and mean_token_accuracy from this rank's sums: summed over all
@@ -251,7 +276,8 @@ class _ChunkwiseMixin:
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Chunk-wise loss without gradients, in one chunk's memory (the parent's full forward
         when logits are asked for, e.g. by ``compute_metrics``)."""
-        if self.chunkwise is None or not prediction_loss_only:
+        if self.chunkwise is None or not prediction_loss_only or self._zero3():
+            # ZeRO-3: the ranks' batches differ, and every chunk forward gathers the parameters
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         from ds_chunk.evaluate import evaluate
 
@@ -259,11 +285,15 @@ class _ChunkwiseMixin:
         batch = dict(zip(("input_ids", "labels", "attention_mask", "position_ids"), self._chunk_inputs(inputs)))
         with torch.no_grad(), self.compute_loss_context_manager(), self.accelerator.autocast():
             metrics = evaluate(unwrap(model), [batch], self.chunkwise.chunk_size)
+        loss, aux = metrics["loss"], metrics.get("aux_loss")
+        if aux is not None:  # as the model's loss: + coef * aux (one batch: no accumulation)
+            loss += unwrap(model).config.router_aux_loss_coef * aux
         if self._sft:  # as SFTTrainer.compute_loss logs them in evaluation
             n = metrics["tokens"]
             self._token_metrics("eval", n, metrics["entropy"] * n, metrics["token_accuracy"] * n)
+            self._aux_metric("eval", aux)
             self._metrics["eval"]["num_tokens"] = [self._total_train_tokens]
-        return torch.tensor(metrics["loss"], device=self.args.device), None, None
+        return torch.tensor(loss, device=self.args.device), None, None
 
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
@@ -309,6 +339,10 @@ class _Plain:
     def modes(self):
         return contextlib.nullcontext()
 
+    def schedule(self, scheduler, model, ids, labels, mask, positions) -> tuple:
+        """(ids, labels, mask, positions, has_loss) as this rank runs them: its own (has_loss None)."""
+        return ids, labels, mask, positions, None
+
     def end_step(self) -> None:
         pass
 
@@ -335,25 +369,42 @@ class _DataParallel(_Plain):
 class _DeepSpeed(_Plain):
     """The DeepSpeed engine the Trainer prepared: chunk backwards into a local buffer (no
     DeepSpeed hook fires), then one boundary backward through the engine handing it the
-    step's gradient (one reduction) and one engine.step()."""
+    step's gradient (one reduction) and one engine.step().
+
+    ZeRO-3 (parameters gathered in every forward): as ``ds_chunk.initialize`` runs it, every
+    rank runs the same schedule (rows padded to the longest of any rank, the chunks to replay
+    from the ranks' joint supervised chunks, one SpaCO draw), the chunk forwards go through the
+    engine and each chunk backward to DeepSpeed, which reduce-scatters it."""
 
     def __init__(self, accelerator, engine):
         super().__init__(accelerator)
         check_engine(engine)
-        if engine.zero_optimization_stage() == 3:
-            raise ChunkwiseTrainerError(
-                "zero_optimization.stage = 3 under HF Trainer is not supported by ds_chunk yet (the ranks must run "
-                "identical chunk schedules): use stage 1 or 2 here, or ds_chunk.initialize / launch/train.py for ZeRO-3"
-            )
         self.engine = engine
-        self.backward_fn = LocalGrads(engine.module.parameters())
+        self.zero3 = engine.zero_optimization_stage() == 3
+        if self.zero3:
+            self.forward = lambda kwargs: engine(chunk_inputs=kwargs)[0]
+            self.backward_fn = lambda scalar, is_last: chunk_backward(engine, scalar)
+        else:
+            self.backward_fn = LocalGrads(engine.module.parameters())
 
     def modes(self):
         return chunk_modes(self.engine.module)
 
+    def schedule(self, scheduler, model, ids, labels, mask, positions) -> tuple:
+        if not self.zero3:
+            return super().schedule(scheduler, model, ids, labels, mask, positions)
+        ids, labels, mask, positions = common_length(ids, labels, mask, positions, _all_reduce)
+        return ids, labels, mask, positions, joint_schedule(scheduler, model, ids, labels, mask, _all_reduce)
+
     def end_step(self) -> None:
-        boundary_backward(self.engine, self.backward_fn.take())
+        boundary_backward(self.engine, None if self.zero3 else self.backward_fn.take())
         self.engine.step()  # the Trainer's optimizer.step() / lr_scheduler.step() are no-ops under DeepSpeed
+
+
+def _all_reduce(value: torch.Tensor, op=None) -> torch.Tensor:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(value, **({} if op is None else {"op": op}))
+    return value
 
 
 def _driver_for(model: nn.Module, accelerator) -> _Plain:

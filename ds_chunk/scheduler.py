@@ -46,6 +46,7 @@ from ds_chunk.kv import ChunkCache, KVStore
 from ds_chunk.loss import TokenStats, auto_sub_chunk, chunk_loss
 from ds_chunk.offload import SaveOnHost, side_stream
 from ds_chunk.rng import RngTape
+from ds_chunk.router import RouterLoss
 from ds_chunk.sampling import ChunkSampler, FixedDraw, GradientDraw
 
 BackwardFn = Callable[[torch.Tensor, bool], None]
@@ -73,6 +74,8 @@ class ChunkResult:
     inclusion: SpaCO, chunk -> pi_c for the chunks the draw decided (the gradient sampler
         decides as the replay goes; chunks after the last supervised one, and without a loss
         when truncating, are never decided).
+    aux_loss: an MoE model's router load-balancing loss (its ``aux_loss``, before the
+        coefficient; ``loss`` includes coef * aux_weight * aux_loss), None without one.
     kept: chunks joined to the last supervised one and run once with it (``keep_chunks``,
         fewer where the sequence has fewer chunks before it).
     host_peak_bytes: with kv_offload, the most host memory the call held at once (KV
@@ -88,6 +91,7 @@ class ChunkResult:
     loss_kind: str = "exact"
     inclusion: dict[int, float] = field(default_factory=dict)
     token_stats: TokenStats | None = None
+    aux_loss: float | None = None
     kept: int = 0
 
 
@@ -127,6 +131,7 @@ class ChunkScheduler:
         has_loss: list[bool] | None = None,
         position_ids: torch.Tensor | None = None,
         token_stats: bool = False,
+        aux_weight: float = 1.0,
     ) -> ChunkResult:
         """Add d(loss)/d(param) to every trainable parameter's ``.grad``.
 
@@ -146,6 +151,9 @@ class ChunkScheduler:
         row (packed documents, e.g. TRL's padding-free batches) each document attends only to
         itself, as in transformers' full forward (``documents.Layout``). token_stats: also
         sum the supervised tokens' entropy and accuracy (``ChunkResult.token_stats``).
+        An MoE model whose forward adds the router's load-balancing loss (``output_router_logits``
+        and ``router_aux_loss_coef``) gets it here too, exactly (``ds_chunk.router``), times
+        ``aux_weight``: every chunk then has a loss, and ``ChunkResult.aux_loss`` is its value.
         """
         hf = unwrap(model)
         check_supported(hf, input_ids.shape[-1])
@@ -168,6 +176,9 @@ class ChunkScheduler:
             raise ValueError(f"has_loss names {len(has_loss)} chunks, the batch has {len(bounds)}")
         if not identical:
             has_loss = [bool(supervised[:, s:e].any()) for s, e in bounds]
+        router = RouterLoss.of(hf, aux_weight)
+        if router is not None:  # the router's loss reads every token's routing
+            has_loss = [True] * len(bounds)
         if identical and self.sampler is not None and self.sampler.config.sampler == "gradient":
             raise ValueError('chunkwise.sparse.sampler = "gradient" decides per rank, but these ranks must replay '
                              'identical chunks (ZeRO-3): use "bernoulli" with same_on_all_ranks')  # fmt: skip
@@ -181,7 +192,7 @@ class ChunkScheduler:
         kind = "exact" if self.sampler is None else self.sampler.config.report_loss
         stats = TokenStats() if token_stats and kind == "exact" else None
         run = _ChunkRun(hf, config, input_ids, target, attention_mask, bounds, n, forward_fn, identical,
-                        layout=layout, stats=stats)  # fmt: skip
+                        layout=layout, stats=stats, router=router)  # fmt: skip
         with (
             no_cpu_inference_packing(hf),
             full_length_rope(hf, layout.longest),
@@ -191,13 +202,16 @@ class ChunkScheduler:
             weights, replayed, weighted = run.replay(draw, backward_fn or self.backward_fn, boundary)
         if kind == "exact" and not draw.adaptive:
             loss = loss + replayed  # the no-grad pass ran the LM head on the other chunks only
+        aux = None if router is None else router.value()
+        if aux is not None:  # as the model's own loss: the cross-entropy + coef * aux
+            loss = loss + router.weight * router.coef * aux
         loss = {"exact": loss, "estimate": weighted, "off": torch.tensor(float("nan"))}[kind]
         host = run.store.memory.peak
         stats = run.stats.total() if run.stats is not None and run.stats.complete else None
         if joined:  # the chunks as the user numbers them: the joined one stands for its originals
             weights = {o: w for c, w in weights.items() for o in _originals(c, first, joined)}
         return ChunkResult(loss.detach(), n, num_chunks, sorted(weights), weights, host, kind, draw.inclusion, stats,
-                           kept=joined)  # fmt: skip
+                           aux, kept=joined)  # fmt: skip
 
     def settings(self, model: nn.Module, input_ids: torch.Tensor, attention_mask=None) -> ChunkwiseConfig:
         """The settings a batch runs with: the config's, or with ``memory_budget_gb`` the
@@ -297,13 +311,14 @@ class _ChunkRun:
 
     def __init__(
         self, hf, config: ChunkwiseConfig, input_ids, target, attention_mask, bounds, normalizer, forward_fn, identical,
-        *, layout: Layout, stats: TokenStats | None,
+        *, layout: Layout, stats: TokenStats | None, router: RouterLoss | None = None,
     ):  # fmt: skip
         self.model, self.decoder, self.lm_head = hf, hf.get_decoder(), lm_head(hf)
         self.forward_fn = forward_fn or (lambda kwargs: self.decoder(**kwargs)[0])
         self.cache_key = cache_kwarg(self.decoder)
         self.input_ids, self.target, self.mask = input_ids, target, attention_mask
         self.layout, self.stats = layout, stats  # where the tokens sit (packed rows); the token stats asked for
+        self.router, self.router_logits = router, []  # the MoE load-balancing loss; the last forward's logits
         self.fast = False  # whether chunk_sdpa runs: set by the caller inside chunk_attention
         self.mask_kind = MaskKind.of(self.decoder)  # packed rows: the 4D masks it takes
         self.bounds, self.normalizer = bounds, normalizer
@@ -333,7 +348,12 @@ class _ChunkRun:
             "use_cache": True,
             self.cache_key: cache,
         }
-        return self.forward_fn(kwargs), cache  # [B, e - s, H]
+        if self.router is None:
+            return self.forward_fn(kwargs), cache  # [B, e - s, H]
+        with self.router.record() as self.router_logits:
+            hidden = self.forward_fn(kwargs)
+        self.router.count(c, self.router_logits, None if self.mask is None else self.mask[:, s:e])
+        return hidden, cache
 
     def loss(self, c: int, hidden: torch.Tensor, stats: TokenStats | None = None) -> torch.Tensor:
         s, e = self.bounds[c]
@@ -351,6 +371,8 @@ class _ChunkRun:
         """
         last = max(draw.candidates, default=0)
         stop = max(last, max((c + 1 for c, x in enumerate(has_loss) if x), default=0)) if want_loss else last
+        if self.router is not None and last < len(self.bounds) - 1:
+            stop = len(self.bounds)  # the router's loss counts every chunk's routing before any replay
         loss = torch.zeros((), dtype=torch.float64)
         for c in range(stop):
             self.rng.record(c)
@@ -384,25 +406,33 @@ class _ChunkRun:
             for c in draw.candidates:
                 w = draw.weight(c, self.store.grad_norm)
                 carried = self.store.pop_grads(c)  # frees m_c: no earlier chunk reads it
-                if w is None:
-                    continue  # not replayed: the gradient carried into m_c goes no further
+                if w is None:  # not replayed: the gradient carried into m_c goes no further
+                    if self.router is not None and c not in self.router.counted:
+                        self.rng.replay(c)  # the gradient sampler skipped the last chunk: count its routing
+                        with torch.no_grad():
+                            self.hidden(c, record=False)
+                    continue
                 weights[c] = w
                 self.rng.replay(c)
                 h, cache = self.hidden(c, record=False)
                 if c == self.end:
                     after = self.rng.snapshot()
                 chunk = self.loss(c, h, None if draw.adaptive else self.stats)  # adaptive: counted in pass 1
+                share = 0.0  # the router's load-balancing loss: every chunk is counted by now
+                if self.router is not None:
+                    s, e = self.bounds[c]
+                    share = self.router.share(self.router_logits, None if self.mask is None else self.mask[:, s:e])
                 inject = sum(
                     _CarriedGrad.apply(fk, g[0]) + _CarriedGrad.apply(fv, g[1])
                     for (fk, fv), g in ((cache.fresh[i], g) for i, g in enumerate(carried) if g is not None)
                 )
-                scalar = w * (chunk + inject)
+                scalar = w * (chunk + share + inject)
                 if local:
                     backward_fn.add(scalar, self.store)
                 else:  # a fixed draw knows its last backward; the gradient sampler learns it too late
                     backward_fn(scalar, boundary and not draw.adaptive and c == draw.candidates[-1])
                 loss += chunk.detach().double().cpu()
-                weighted += w * chunk.detach().double().cpu()
+                weighted += w * (chunk + share).detach().double().cpu()
         if boundary and not local and (draw.adaptive or not weights):
             # The step still needs its boundary backward (an empty draw, or the gradient
             # sampler's) so an engine reduces gradients; this one adds exactly zero.

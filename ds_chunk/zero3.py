@@ -1,12 +1,17 @@
 """ZeRO-3 helpers: parameters are partitioned between forwards, so code that reads a weight
-outside its module's forward (the fused LM head, a save) gathers it first."""
+outside its module's forward (the fused LM head, a save) gathers it first, and every rank must
+run the same chunk forwards and backwards (each gathers the parameters): the same length and
+the same chunks to replay (``common_length``, ``joint_schedule``)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
+
+from ds_chunk.chunking import IGNORE_INDEX, chunk_bounds, prepare_labels
 
 
 def partitioned(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -23,3 +28,37 @@ def gathered(params: Iterable[torch.Tensor]) -> contextlib.AbstractContextManage
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params)
+
+
+AllReduce = Callable[..., torch.Tensor]  # (tensor, op=None) -> the tensor, reduced over the ranks in place
+
+
+def common_length(ids, labels, mask, pos, all_reduce: AllReduce) -> tuple:
+    """Rows right-padded (mask 0, label -100) to the longest row of any rank, so every rank runs
+    the same number of chunk forwards (each gathers the parameters); positions go on counting,
+    so padding never makes a row look packed."""
+    longest = int(all_reduce(torch.tensor(ids.shape[1], device=ids.device), torch.distributed.ReduceOp.MAX))
+    mask = torch.ones_like(ids) if mask is None else mask
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if labels is None else labels
+    pad = longest - ids.shape[1]
+    if pad == 0:
+        return ids, labels, mask, pos
+    padded = [F.pad(t, (0, pad), value=v) for t, v in ((ids, 0), (labels, IGNORE_INDEX), (mask, 0))]
+    if pos is not None:
+        pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, pad + 1, device=pos.device)], dim=1)
+    return *padded, pos
+
+
+def joint_schedule(scheduler, module, ids, labels, mask, all_reduce: AllReduce) -> list[bool]:
+    """Whether each chunk holds a supervised token on any rank (one all-reduce), after the ranks
+    agree on a memory budget's pick: every rank then replays the same chunks."""
+    from ds_chunk.budget import agreed_pick
+
+    if scheduler.config.memory_budget_gb is not None:
+        agreed_pick(scheduler, module, ids, mask, all_reduce)
+    settings = scheduler.settings(module, ids, mask)
+    size = settings.chunk_size if settings.enabled else ids.shape[1]
+    supervised = prepare_labels(ids, labels, mask) != IGNORE_INDEX
+    flags = torch.tensor([float(supervised[:, s:e].any()) for s, e in chunk_bounds(ids.shape[1], size)])
+    flags = all_reduce(flags.to(ids.device), torch.distributed.ReduceOp.MAX)
+    return [bool(f) for f in flags.tolist()]

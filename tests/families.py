@@ -34,6 +34,9 @@ _ROUTER = dict(output_router_logits=True, router_aux_loss_coef=0.1)
 _DEEPSEEK_MOE = dict(
     moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1
 )
+# Attention sinks, one sliding and one full layer, 4 experts.
+_GPT_OSS = dict(head_dim=8, **_LOCAL_MOE, sliding_window=WINDOW, layer_types=MIXED,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0))  # fmt: skip
 # longrope rescales 4 frequency pairs (head_dim 8); original context 32 < 45 tokens, so a long
 # sequence switches to the long factors, as Phi-3 does past 4K tokens.
 _FACTORS = dict(short_factor=[1.0, 1.1, 1.2, 1.3], long_factor=[1.5, 2.0, 3.0, 4.0])
@@ -154,11 +157,14 @@ FAMILIES: dict[str, dict] = {
         "Qwen2MoeConfig", "Qwen2MoeForCausalLM", **_MOE, shared_expert_intermediate_size=32, **_ROUTER
     ),
     "qwen3_moe": _fam("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_MOE, head_dim=8),
+    "qwen3_moe_router": _fam("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_MOE, head_dim=8, **_ROUTER),
     "olmoe": _fam("OlmoeConfig", "OlmoeForCausalLM", num_experts=4, num_experts_per_tok=2, clip_qkv=None),
     "olmoe_router": _fam("OlmoeConfig", "OlmoeForCausalLM", num_experts=4, num_experts_per_tok=2, **_ROUTER),
     "granitemoe": _fam("GraniteMoeConfig", "GraniteMoeForCausalLM", **_LOCAL_MOE),
+    "granitemoe_router": _fam("GraniteMoeConfig", "GraniteMoeForCausalLM", **_LOCAL_MOE, **_ROUTER),
     # PhiMoE's router samples experts in train mode (Gumbel, sparsemixer): compare it in eval mode.
     "phimoe": _fam("PhimoeConfig", "PhimoeForCausalLM", **_LOCAL_MOE),
+    "phimoe_router": _fam("PhimoeConfig", "PhimoeForCausalLM", **_LOCAL_MOE, **_ROUTER),
     "glm4_moe": _fam("Glm4MoeConfig", "Glm4MoeForCausalLM", **_DEEPSEEK_MOE, num_experts_per_tok=2),
     # Multi-head latent attention: the cache holds the compressed latent, expanded to one K/V head
     # per query head (so num_key_value_heads = heads, as in the real configs).
@@ -174,16 +180,8 @@ FAMILIES: dict[str, dict] = {
         qk_nope_head_dim=4,
         v_head_dim=8,
     ),
-    # Attention sinks, one sliding and one full layer, 4 experts.
-    "gpt_oss": _fam(
-        "GptOssConfig",
-        "GptOssForCausalLM",
-        head_dim=8,
-        **_LOCAL_MOE,
-        sliding_window=WINDOW,
-        layer_types=MIXED,
-        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
-    ),
+    "gpt_oss": _fam("GptOssConfig", "GptOssForCausalLM", **_GPT_OSS),
+    "gpt_oss_router": _fam("GptOssConfig", "GptOssForCausalLM", **_GPT_OSS, **_ROUTER),
     # Chunked attention (layer 0 attends within blocks of 16), MoE.
     "llama4": _fam(
         "Llama4TextConfig",

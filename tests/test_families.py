@@ -2,6 +2,7 @@
 message naming the class and the setting: a transformers upgrade that changes a family shows up here."""
 
 import re
+import sys
 
 import pytest
 import torch
@@ -13,9 +14,6 @@ from ds_chunk import ChunkScheduler, UnsupportedModelError
 
 # family -> what ds_chunk must say instead of training it (a fragment of the message)
 REFUSED = {
-    "mixtral_router": "MixtralForCausalLM: output_router_logits=True with router_aux_loss_coef=0.1",
-    "qwen2_moe_router": "Qwen2MoeForCausalLM: output_router_logits=True",
-    "olmoe_router": "OlmoeForCausalLM: output_router_logits=True",
     "llama4": "Llama4ForCausalLM: get_decoder() does not return its decoder",
     "qwen3_next": "Qwen3NextForCausalLM: layer types ['linear_attention'] are not supported",
     "lfm2": "Lfm2ForCausalLM: layer types ['conv'] are not supported",
@@ -27,7 +25,10 @@ FLOAT32_INSIDE = {"cohere", "cohere2", "helium", "gemma", "gemma2", "gemma3", "g
                   "bloom", "mpt", "diffllama", "glm4_moe", "deepseek_v3"}  # fmt: skip
 # A router that samples (phimoe's sparsemixer) draws differently for a chunk than for the
 # whole sequence, like dropout: compare in eval mode.
-SAMPLING = {"phimoe"}
+SAMPLING = {"phimoe", "phimoe_router"}
+# "_router": the MoE load-balancing loss on; the reference adds coef * transformers' own
+# load_balancing_loss_func, which runs in float32 (hence the bound), over the whole batch.
+ROUTER = {name for name in FAMILIES if name.endswith("_router")}
 
 IDS = torch.randint(3, 97, (2, 45), generator=torch.Generator().manual_seed(1))  # window 16 < 45 < positions
 
@@ -54,15 +55,24 @@ def test_family_is_exact_or_refused(name):
         with pytest.raises(UnsupportedModelError, match=re.escape(REFUSED[name])):
             scheduler.backward(model, IDS)
         return
-    logits = model(input_ids=IDS).logits
-    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), IDS[:, 1:].flatten())  # in float64
+    out = model(input_ids=IDS)
+    ref = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), IDS[:, 1:].flatten())  # in float64
+    if name in ROUTER:
+        ref = ref + model.router_aux_loss_coef * router_loss(model, out.router_logits)
     ref.backward()
     want = _grads(model)
     model.zero_grad(set_to_none=True)
     result = scheduler.backward(model, IDS)
-    tol = 1e-6 if name in FLOAT32_INSIDE else 1e-12
+    tol = 1e-6 if name in FLOAT32_INSIDE | ROUTER else 1e-12
     assert _max_rel_err(_grads(model), want) < tol
     assert abs(float(result.loss) - ref.item()) < tol * ref.item()
+    assert (result.aux_loss is None) == (name not in ROUTER)
+
+
+def router_loss(model, router_logits, mask=None) -> torch.Tensor:
+    """transformers' own load-balancing loss of the model's family."""
+    func = sys.modules[type(model).__module__].load_balancing_loss_func
+    return func(router_logits, model.num_experts, model.num_experts_per_tok, mask)
 
 
 # Packed rows (position_ids restarting at each document): what must be refused instead
@@ -70,7 +80,8 @@ REFUSED_PACKED = {"bloom": "BloomForCausalLM: packed rows", "falcon_alibi": "Fal
 DOCUMENTS = [[10, 3, 20, 12], [30, 14, 1]]  # per row; 20 and 30 > the window of 16
 
 
-@pytest.mark.parametrize("name", sorted(set(FAMILIES) - set(REFUSED)))
+# the load-balancing loss couples a batch's documents: tests/test_router.py packs it against HF's packed forward
+@pytest.mark.parametrize("name", sorted(set(FAMILIES) - set(REFUSED) - ROUTER))
 def test_family_packed_rows_equal_each_document_alone(name):
     """Packed rows against each document run alone (the sliding window really cuts)."""
     model = build(name)

@@ -141,24 +141,37 @@ def test_reentrant_gradient_checkpointing_equals_the_parent(tmp_path):
     assert _update_err(ours.model, parent.model, start) < 1e-4
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_trainer_deepspeed_zero2_block_in_the_json(tmp_path, offload):
-    """The block comes from TrainingArguments(deepspeed=...): the parent trains unchunked from the same file."""
+@pytest.mark.parametrize("stage, offload", [(2, False), (2, True), (3, False), (3, True)])
+def test_trainer_deepspeed_block_in_the_json(tmp_path, stage, offload):
+    """The block comes from TrainingArguments(deepspeed=...): the parent trains unchunked from the
+    same file. ZeRO-3: the chunk forwards and backwards go through the engine, every rank alike;
+    with offload, parameters and optimizer states on the CPU."""
+    import deepspeed
+
     cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-           "gradient_clipping": "auto", "zero_optimization": {"stage": 2}, "chunkwise": CHUNK}  # fmt: skip
+           "gradient_clipping": "auto", "zero_optimization": {"stage": stage}, "chunkwise": CHUNK}  # fmt: skip
+    if stage == 3:
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even these small ones
     if offload:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if stage == 3:
+            cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
     else:
         cfg["zero_force_ds_cpu_optimizer"] = False
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(cfg))
+    _fresh_accelerate()  # no ZeRO-3 config left global by an earlier test: it would partition `start` at birth
     start = tiny_model("llama", dtype=torch.float32, seed=0)
     parent = _train(Trainer, tmp_path / "a", args=_args(tmp_path / "a", deepspeed=str(path)))
     ours = _train(ChunkwiseTrainer, tmp_path / "b", args=_args(tmp_path / "b", deepspeed=str(path)))
     assert ours.chunkwise.chunk_size == 8
     assert ours.model_wrapped.global_steps == parent.model_wrapped.global_steps == 4  # one engine step each
+    assert ours.model_wrapped.zero_optimization_stage() == stage
     assert _losses(ours) == pytest.approx(_losses(parent), rel=1e-5)
-    assert _update_err(ours.model, parent.model, start) < 1e-4
+    params = [*ours.model.parameters(), *parent.model.parameters()]
+    with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
+        assert _update_err(ours.model, parent.model, start) < 1e-4
+    _fresh_accelerate()
 
 
 # A chat template with {% generation %} markers, so TRL can build assistant masks.
@@ -194,20 +207,21 @@ def _sft_data(kind: str):
     return Dataset.from_list(rows), words
 
 
-def _sft(cls, out, mode, chunkwise=None, bf16=False, dtype=torch.float32):
+def _sft(cls, out, mode, chunkwise=None, bf16=False, dtype=torch.float32, make=None, **options):
     sys.path.insert(0, os.path.join(ROOT, "launch"))
     import make_tiny_model
     from trl import SFTConfig
 
+    extra = options
     options, kind = SFT_MODES[mode] if isinstance(mode, str) else mode
     data, words = _sft_data(kind)
     tokenizer = make_tiny_model.make_tokenizer(words)
     tokenizer.chat_template = CHAT
-    model = make_tiny_model.make_model(len(tokenizer), seed=0).to(dtype)
-    start = make_tiny_model.make_model(len(tokenizer), seed=0).to(dtype)
+    make = make or (lambda: make_tiny_model.make_model(len(tokenizer), seed=0))
+    model, start = make().to(dtype), make().to(dtype)
     args = SFTConfig(str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
                      learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=bf16,
-                     seed=0, dataloader_num_workers=0, **{"max_length": 48, **options})  # fmt: skip
+                     seed=0, dataloader_num_workers=0, **{"max_length": 48, **options, **extra})  # fmt: skip
     kw = {} if chunkwise is None else {"chunkwise": chunkwise}
     _fresh_accelerate()
     trainer = cls(model=model, args=args, train_dataset=data, processing_class=tokenizer, **kw)
@@ -295,6 +309,28 @@ def test_resume_gives_the_same_losses_and_spaco_draws(tmp_path):
     assert _losses(full) == []  # SpaCO's free loss is an estimate: logged as loss_est, never as loss
 
 
+def test_zero3_saves_and_resumes_through_the_trainer(tmp_path):
+    """ZeRO-3 from the JSON (the block in it, SpaCO): a run saved at step 2 and resumed with
+    resume_from_checkpoint logs the losses of an uninterrupted run."""
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+           "gradient_clipping": "auto", "zero_force_ds_cpu_optimizer": False,
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+           "chunkwise": {"chunk_size": 8, "sparse": {"rate": 0.5}}}  # fmt: skip
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    full = _train(ChunkwiseTrainer, tmp_path / "a", args=_args(tmp_path / "a", deepspeed=str(path)))
+    args = _args(tmp_path / "b", deepspeed=str(path), save_strategy="steps", save_steps=2)
+    _train(ChunkwiseTrainer, tmp_path / "b", args=args)
+    _fresh_accelerate()
+    resumed = ChunkwiseTrainer(model=tiny_model("llama", dtype=torch.float32, seed=0), args=args,
+                               train_dataset=Rows(), data_collator=collate)  # fmt: skip
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    assert resumed.model_wrapped.zero_optimization_stage() == 3
+    assert len(_losses(resumed, "loss_est")) == 4
+    assert _losses(resumed, "loss_est")[2:] == pytest.approx(_losses(full, "loss_est")[2:], rel=1e-6)
+    _fresh_accelerate()
+
+
 def test_evaluate_is_chunkwise_and_equals_the_parent(tmp_path):
     model = tiny_model("llama", dtype=torch.float32, seed=0)
     args = _args(tmp_path, per_device_eval_batch_size=3)
@@ -353,9 +389,10 @@ def test_what_cannot_be_chunked_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", [None, 1])
+@pytest.mark.parametrize("zero", [None, 1, 3])
 def test_two_ranks_equal_the_parent(tmp_path, zero):
-    """torchrun, 2 CPU ranks (gloo), one row each: DistributedDataParallel, or DeepSpeed ZeRO-1."""
+    """torchrun, 2 CPU ranks (gloo), one row each (rows of different lengths): DistributedDataParallel,
+    or DeepSpeed ZeRO-1, or ZeRO-3 (every rank padded to the longer row, one joint schedule)."""
     import subprocess
 
     from test_ranks import free_port
@@ -363,9 +400,10 @@ def test_two_ranks_equal_the_parent(tmp_path, zero):
     flags = []
     if zero is not None:
         path = tmp_path / "ds.json"
+        zero_cfg = {"stage": zero, "stage3_param_persistence_threshold": 0}  # ZeRO-3: partition even small ones
         path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                                    "gradient_clipping": "auto", "zero_optimization": {"stage": zero},
-                                    "zero_force_ds_cpu_optimizer": False}))  # fmt: skip
+                                    "gradient_clipping": "auto", "zero_force_ds_cpu_optimizer": False,
+                                    "zero_optimization": zero_cfg}))  # fmt: skip
         flags = ["--deepspeed", str(path)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     script = os.path.join(os.path.dirname(__file__), "scripts", "hf_two_rank.py")

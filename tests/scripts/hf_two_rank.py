@@ -1,5 +1,5 @@
 """Run by `torchrun --nproc_per_node 2`: Trainer, then ChunkwiseTrainer, on the same data and
-arguments (DDP, or DeepSpeed ZeRO-1 from --deepspeed); rank 0 saves losses and weights."""
+arguments (DDP, or DeepSpeed ZeRO-1 / ZeRO-3 from --deepspeed); rank 0 saves losses and weights."""
 
 import argparse
 import os
@@ -14,6 +14,7 @@ from transformers import Trainer  # noqa: E402
 
 from ds_chunk.data import collate  # noqa: E402
 from ds_chunk.hf import ChunkwiseTrainer  # noqa: E402
+from ds_chunk.zero3 import gathered  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -27,9 +28,11 @@ for name, cls, extra in (("parent", Trainer, {}), ("ours", ChunkwiseTrainer, {"c
     trainer = cls(model=tiny_model("llama", dtype=torch.float32, seed=0), args=targs, train_dataset=Rows(),
                   data_collator=collate, **extra)  # fmt: skip
     trainer.train()
+    with gathered(trainer.model.parameters()):  # ZeRO-3: whole parameters on every rank
+        params = {k: p.detach().clone() for k, p in trainer.model.named_parameters()}
     result[name] = {
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-        "params": {k: p.detach().clone() for k, p in trainer.model.named_parameters()},
+        "params": params,
         "kind": type(trainer.model_wrapped).__name__,
     }
 if int(os.environ["RANK"]) == 0:
