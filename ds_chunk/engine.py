@@ -230,7 +230,8 @@ class ChunkwiseEngine:
         position_ids: restarting ones mark packed documents, see ``ChunkScheduler.backward``).
 
         The batch's rows are this rank's micro-batches (gradient_accumulation_steps of
-        them). Returns the mean CE over every supervised token of the step, all ranks
+        them). Returns the mean CE over every supervised token of the step, all ranks (plus,
+        for an MoE model with the router's load-balancing loss, coef * its mean over micro-batches)
         (non-finite if the step was skipped: see ``skipped_steps``).
         """
         ids, labels, mask, pos = (batch.get(k) for k in BATCH_KEYS)

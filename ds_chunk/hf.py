@@ -163,35 +163,42 @@ class _ChunkwiseMixin:
         inputs = self._prepare_inputs(inputs)
         ids, labels, mask, positions = self._chunk_inputs(inputs)
         driver = self._driver = self._driver or _driver_for(model, self.accelerator)
-        ids, labels, mask, positions, has_loss = driver.schedule(
-            self._scheduler, unwrap(model), ids, labels, mask, positions
-        )  # ZeRO-3: padded to every rank's length, has_loss: the ranks' joint supervised chunks
         sync = self.accelerator.sync_gradients  # the Trainer step's last micro-batch
         step = self.state.global_step * self.args.gradient_accumulation_steps + self._micro
-        noise = row_noise(unwrap(model), ids) if self.neftune_noise_alpha is not None else contextlib.nullcontext()
-        with self.compute_loss_context_manager(), self.accelerator.autocast(), driver.modes(), noise:
-            result = self._scheduler.backward(
-                unwrap(model),
-                ids,
-                labels,
-                mask,
-                num_tokens=self._normalizer(labels, ids, mask, num_items_in_batch),
-                boundary=False,
-                step=step,
-                rank=0 if has_loss is not None else self.args.process_index,  # ZeRO-3: one draw for all ranks
-                backward_fn=driver.backward_fn,
-                forward_fn=driver.forward,
-                position_ids=positions,
-                has_loss=has_loss,
-                token_stats=self._sft,
-                aux_weight=self._aux_weight(num_items_in_batch),
-            )
+        own = ids.shape[1]
+        with self.compute_loss_context_manager(), self.accelerator.autocast(), driver.modes():
+            ids, labels, mask, positions, has_loss = driver.schedule(
+                self._scheduler, unwrap(model), ids, labels, mask, positions
+            )  # ZeRO-3: padded to every rank's length, has_loss: the ranks' joint supervised chunks
+            noise = row_noise(unwrap(model), ids, own) if self.neftune_noise_alpha is not None else None
+            with noise or contextlib.nullcontext():
+                result = self._backward(model, ids, labels, mask, positions, has_loss, step, num_items_in_batch)
             if sync:
                 driver.end_step()
         self._micro = 0 if sync else self._micro + 1
         if self._sft:
             self._sft_metrics(inputs, result.token_stats, result.aux_loss)
         return torch.tensor(float(result.loss), dtype=torch.float32, device=self.args.device)
+
+    def _backward(self, model, ids, labels, mask, positions, has_loss, step, num_items_in_batch):
+        """The micro-batch's chunk schedule, its backwards through the driver."""
+        driver = self._driver
+        return self._scheduler.backward(
+            unwrap(model),
+            ids,
+            labels,
+            mask,
+            num_tokens=self._normalizer(labels, ids, mask, num_items_in_batch),
+            boundary=False,
+            step=step,
+            rank=0 if has_loss is not None else self.args.process_index,  # ZeRO-3: one draw for all ranks
+            backward_fn=driver.backward_fn,
+            forward_fn=driver.forward,
+            position_ids=positions,
+            has_loss=has_loss,
+            token_stats=self._sft,
+            aux_weight=self._aux_weight(num_items_in_batch),
+        )
 
     def _zero3(self) -> bool:
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
@@ -393,6 +400,11 @@ class _DeepSpeed(_Plain):
     def schedule(self, scheduler, model, ids, labels, mask, positions) -> tuple:
         if not self.zero3:
             return super().schedule(scheduler, model, ids, labels, mask, positions)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        scheduler.partitioning = {"zero_stage": 3, "world_size": world}  # what a memory budget plans for
+        if positions is not None:  # packed rows refused on every rank together, not one rank alone
+            packed = torch.tensor(float(Layout.of(ids, positions).packed), device=ids.device)
+            check_packed(model, bool(_all_reduce(packed, torch.distributed.ReduceOp.MAX) > 0))
         ids, labels, mask, positions = common_length(ids, labels, mask, positions, _all_reduce)
         return ids, labels, mask, positions, joint_schedule(scheduler, model, ids, labels, mask, _all_reduce)
 

@@ -20,8 +20,10 @@ from ds_chunk.adapter import base_model
 
 
 @contextlib.contextmanager
-def row_noise(model: nn.Module, input_ids: torch.Tensor) -> Iterator[None]:
-    """NEFTune noise for ``input_ids`` [B, T] sized and drawn as one forward of the row would."""
+def row_noise(model: nn.Module, input_ids: torch.Tensor, length: int | None = None) -> Iterator[None]:
+    """NEFTune noise for ``input_ids`` [B, T] sized and drawn as one forward of the row would;
+    ``length``: the row's own length where it was padded since (ZeRO-3's common length), the
+    padding getting no noise."""
     from transformers.integrations.neftune import neftune_post_forward_hook
 
     hf = base_model(model)  # where transformers' activate_neftune finds the embedding, peft or not
@@ -31,13 +33,15 @@ def row_noise(model: nn.Module, input_ids: torch.Tensor) -> Iterator[None]:
     if alpha is None or not hooks or not emb.training:
         yield
         return
-    batch, length = input_ids.shape
+    batch, padded = input_ids.shape
+    length = length or padded
     width = emb.embedding_dim if hasattr(emb, "embedding_dim") else emb.weight.shape[-1]
     dims = torch.tensor(length * width)
     # The parent's draw: zeros_like(embedding output [B, T, H]).uniform_(-mag, mag), before any
     # dropout mask of the step (the embedding runs first), so the RNG moves on as it would.
     noise = torch.zeros(batch, length, width, dtype=emb.weight.dtype, device=input_ids.device)
     noise.uniform_(-(alpha / torch.sqrt(dims)), alpha / torch.sqrt(dims))
+    noise = torch.nn.functional.pad(noise, (0, 0, 0, padded - length))
     start = {"at": 0}
 
     def chunk_start(decoder, args, kwargs):

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ds_chunk.adapter import UnsupportedModelError
+
 
 class RouterLoss:
     """The load-balancing loss of one micro-batch, built up as its chunks run.
@@ -44,16 +46,25 @@ class RouterLoss:
     def of(cls, hf: nn.Module, weight: float = 1.0) -> RouterLoss | None:
         """The model's load-balancing loss, or None where its forward adds none (off, a
         coefficient of 0, or a family without one, e.g. DeepSeek-V3, GLM-4-MoE)."""
-        cfg = hf.config  # its coefficient, as TRL sets it (the model's own attribute is the config's)
-        coef = getattr(cfg, "router_aux_loss_coef", 0.0)
-        if not (getattr(cfg, "output_router_logits", False) and coef):
+        cfg = hf.config
+        if not getattr(cfg, "output_router_logits", False):
             return None
         if getattr(sys.modules[type(hf).__module__], "load_balancing_loss_func", None) is None:
+            return None  # DeepSeek-V3, GLM-4-MoE: routing balanced by a bias, no loss term
+        recorder = (getattr(hf, "_can_record_outputs", None) or {}).get("router_logits")
+        if (
+            recorder is None
+            or recorder.index != 0
+            or not all(hasattr(hf, a) for a in ("router_aux_loss_coef", "num_experts", "num_experts_per_tok"))
+        ):  # e.g. Doge (top-k of sqrt(E), logits at index 1), JetMoe (aux_loss_coef)
+            raise UnsupportedModelError(
+                f"{type(hf).__name__}: output_router_logits=True: its load-balancing loss is not laid out as "
+                "Mixtral's (router logits first, num_experts_per_tok, router_aux_loss_coef), which ds_chunk chunks; "
+                "set output_router_logits=False"
+            )
+        coef = getattr(cfg, "router_aux_loss_coef", 0.0)  # the config's, as TRL sets it (the model's at load)
+        if not coef:
             return None
-        spec = getattr(hf, "_can_record_outputs", None) or {}
-        recorder = spec.get("router_logits")
-        if recorder is None:
-            raise ValueError(f"{type(hf).__name__}: output_router_logits is on, but its router modules are unknown")
         suffix = recorder.layer_name or ""  # e.g. MiniMax's "mlp.gate": the class alone is not enough
         kind = recorder.target_class
         routers = [m for name, m in hf.named_modules() if isinstance(m, kind) and name.endswith(suffix)]

@@ -371,7 +371,7 @@ class _ChunkRun:
         """
         last = max(draw.candidates, default=0)
         stop = max(last, max((c + 1 for c, x in enumerate(has_loss) if x), default=0)) if want_loss else last
-        if self.router is not None and last < len(self.bounds) - 1:
+        if self.router is not None and len(self.bounds) - 1 not in draw.candidates:
             stop = len(self.bounds)  # the router's loss counts every chunk's routing before any replay
         loss = torch.zeros((), dtype=torch.float64)
         for c in range(stop):

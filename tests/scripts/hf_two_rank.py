@@ -24,9 +24,9 @@ args = parser.parse_args()
 result = {}
 for name, cls, extra in (("parent", Trainer, {}), ("ours", ChunkwiseTrainer, {"chunkwise": {"chunk_size": 8}})):
     _fresh_accelerate()
+    model = tiny_model("llama", dtype=torch.float32, seed=0)  # before the arguments: a ZeRO-3 config would partition it
     targs = _args(os.path.join(args.out, name), deepspeed=args.deepspeed, per_device_train_batch_size=1)
-    trainer = cls(model=tiny_model("llama", dtype=torch.float32, seed=0), args=targs, train_dataset=Rows(),
-                  data_collator=collate, **extra)  # fmt: skip
+    trainer = cls(model=model, args=targs, train_dataset=Rows(), data_collator=collate, **extra)
     trainer.train()
     with gathered(trainer.model.parameters()):  # ZeRO-3: whole parameters on every rank
         params = {k: p.detach().clone() for k, p in trainer.model.named_parameters()}
