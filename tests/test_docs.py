@@ -160,6 +160,15 @@ def test_not_run_markers_are_for_shell_commands_only():
             assert text[m.end() :].startswith("\n```bash"), f"{page}: '{m.group(0)}' is not above a bash block"
 
 
+def test_a_block_not_run_because_another_page_runs_it_is_there():
+    """``<!-- not run: PAGE runs the same command -->``: every command of the block is in a block of
+    PAGE that runs."""
+    for block in (b for b in CODE if b.not_run and b.not_run.endswith("runs the same command")):
+        page = block.not_run.split()[0]
+        ran = [c for b in CODE if b.page == page and b.not_run is None for c in commands(b.code)]
+        assert all(c in ran for c in commands(block.code)), f"{block.id}: not run in {page} as written"
+
+
 def _table_keys(page: str, header: str) -> set[str]:
     text = open(os.path.join(ROOT, page)).read()
     table = re.match(r"((?:\|.*\n)+)", text[text.index(header) :]).group(1).splitlines()[2:]

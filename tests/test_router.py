@@ -49,7 +49,7 @@ def _grads(model) -> dict:
     return g
 
 
-CASES = [("mixtral_router", *c) for c in [(1, 0, 0), (5, 0, 0), (8, 2, 0), (16, 0, 1), (64, 0, 0)]]
+CASES = [("mixtral_router", *c) for c in [(1, 0, 0), (8, 2, 0), (16, 0, 1)]]
 CASES += [("qwen2_moe_router", 5, 0, 0), ("gpt_oss_router", 5, 0, 0)]  # the family sweep runs the rest
 
 
@@ -233,7 +233,7 @@ def test_trainer_equals_the_parent(tmp_path):
     assert ours.evaluate(held_out)["eval_loss"] == pytest.approx(parent.evaluate(held_out)["eval_loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["completion_only_loss", "packing_wrapped"])
+@pytest.mark.parametrize("mode", ["completion_only_loss"])
 def test_sft_trainer_equals_the_parent_and_logs_its_aux_loss(tmp_path, mode):
     """with_chunkwise(SFTTrainer) on a tiny Mixtral, TRL's router_aux_loss_coef (0.05, not the
     model's 0.1): the losses, the weights and TRL's logged aux_loss equal SFTTrainer's; SGD."""
