@@ -1,6 +1,6 @@
 """Rerun the commands behind the docs' tables of errors and compare with what the pages quote.
 
-    python benchmarks/check_docs.py                  # all three: ~6 minutes on one CPU core
+    python benchmarks/check_docs.py                  # all: ~12 minutes on two CPU cores
     python benchmarks/check_docs.py trainer planner  # some
 
 The planner's table must be reproduced exactly (it is also a test). The equivalence tables are
@@ -31,6 +31,14 @@ TABLES = {
     "planner": ("docs/benchmarks.md", "| T | device GiB, HF masked", [PY, "tests/test_readme_figures.py"], 1, 1.0),
     "trainer": ("docs/trainer.md", "| parent | setting |", [PY, "benchmarks/trainer_equivalence.py"], 2, 10.0),
     "real-model": ("docs/real-model.md", "| trained | dtype |", [PY, "benchmarks/real_model_equivalence.py"], 4, 10.0),
+    "sp-planner": (
+        "README.md",
+        "| `--sequence-parallel-size` |",
+        [PY, "tests/test_readme_figures.py", "--sequence-parallel"],
+        2,
+        1.0,
+    ),
+    "sp": ("docs/multi-gpu.md", "| what | ranks |", [PY, "benchmarks/sequence_parallel.py"], 2, 10.0),
 }
 
 

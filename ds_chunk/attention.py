@@ -29,6 +29,7 @@ NAME = "ds_chunk_sdpa"
 # recompute during that chunk's backward. Not a kwarg: some decoders (Nemotron) do not pass
 # their kwargs on to attention.
 _PACKED, _SEGMENTS = [False], [None]
+_SP = [None]  # while chunk_attention runs sequence parallel: its sequence_parallel.SequenceParallel
 
 
 def set_segments(segments) -> None:
@@ -40,6 +41,13 @@ def chunk_sdpa(module: nn.Module, query, key, value, attention_mask, dropout=0.0
     """HF attention-interface function. query [B, heads, C, d]; key, value [B, kv_heads, P + C, d].
     Packed rows (``set_segments``): each document's part of the chunk attends to that
     document's keys only, one causal call per part."""
+    kind = query.device.type
+    if torch.is_autocast_enabled(kind):  # as SDPA under autocast: all three in its dtype (fp32 q/k/v
+        # come from fp32 norms and RoPE: HF Trainer's autocast on fp32 weights, prepared k-bit models)
+        query, key, value = (t.to(torch.get_autocast_dtype(kind)) for t in (query, key, value))
+    sp = _SP[0]
+    if sp is not None:  # this rank's slice of the chunk, all heads -> the whole chunk, its heads
+        query = sp.to_heads(query)
     kv_len = key.shape[2]
     window = kwargs.get("sliding_window")
     extra = kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None
@@ -50,16 +58,14 @@ def chunk_sdpa(module: nn.Module, query, key, value, attention_mask, dropout=0.0
         segments is None or (segments[0][0][0], segments[0][-1][1]) != (kv_len - query.shape[2], kv_len)
     ):
         raise RuntimeError(f"{NAME}: the packed documents' segments are not this chunk's")
-    kind = query.device.type
-    if torch.is_autocast_enabled(kind):  # as SDPA under autocast: all three in its dtype (fp32 q/k/v
-        # come from fp32 norms and RoPE: HF Trainer's autocast on fp32 weights, prepared k-bit models)
-        query, key, value = (t.to(torch.get_autocast_dtype(kind)) for t in (query, key, value))
     if not query.is_cuda and dropout:
         raise RuntimeError(f"{NAME} on CPU computes attention without dropout only")
     if segments is None:
         out = _causal(query, key, value, dropout, scaling)
     else:
         out = _packed(query, key, value, segments, dropout, scaling)
+    if sp is not None:
+        out = sp.to_sequence(out)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -191,10 +197,15 @@ def _register() -> None:
 
 
 @contextlib.contextmanager
-def chunk_attention(model: nn.Module, padded: bool, device: torch.device, packed: bool = False) -> Iterator[bool]:
+def chunk_attention(
+    model: nn.Module, padded: bool, device: torch.device, packed: bool = False, sp=None
+) -> Iterator[bool]:
     """Use ``chunk_sdpa`` for ``model`` inside the block when it is exact and cheaper: an
     sdpa model, no padding, flash attention supported. Yields whether it switched. packed:
-    the rows hold several documents (every call then passes its segments).
+    the rows hold several documents (every call then passes its segments). sp (a
+    ``sequence_parallel.SequenceParallel``): always switch, for any implementation (the
+    caller checked the model and dropped right padding's mask, which causal attention
+    never reads): attention is where the ranks swap sequence for heads.
 
     Only the decoder's own config is switched (its attention layers and mask creation
     read it per call), without the setter's recursion into sub-configs.
@@ -206,12 +217,13 @@ def chunk_attention(model: nn.Module, padded: bool, device: torch.device, packed
     interface = getattr(type(decoder), "_supports_attention_backend", False)
     sdpa = getattr(cfg, "_attn_implementation_internal", None) == "sdpa"
     use = interface and sdpa and not padded and plain_causal(cfg)
-    if not (use and flash_eligible(model, device)):
+    if sp is None and not (use and flash_eligible(model, device)):
         yield False
         return
     _register()
-    cfg._attn_implementation_internal, _PACKED[0], _SEGMENTS[0] = NAME, packed, None
+    own = cfg._attn_implementation_internal
+    cfg._attn_implementation_internal, _PACKED[0], _SEGMENTS[0], _SP[0] = NAME, packed, None, sp
     try:
         yield True
     finally:
-        cfg._attn_implementation_internal, _PACKED[0], _SEGMENTS[0] = "sdpa", False, None
+        cfg._attn_implementation_internal, _PACKED[0], _SEGMENTS[0], _SP[0] = own, False, None, None

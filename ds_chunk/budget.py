@@ -62,7 +62,7 @@ def pick(shape, setup, budget_bytes: float, loss_chunks: list[int]) -> Pick | No
     from ds_chunk.plan import chunk_candidates, estimate
 
     fitting = []
-    for chunk in chunk_candidates(setup.seq_len, SMALLEST):
+    for chunk in chunk_candidates(setup.seq_len, SMALLEST, setup.sequence_parallel):
         chunks = -(-setup.seq_len // chunk)
         for kept in range(chunks):
             fits = None
@@ -84,9 +84,10 @@ def smallest(shape, setup, loss_chunk: int = SMALLEST) -> Pick:
     and the least budget that admits it (``budget_bytes``)."""
     from ds_chunk.plan import estimate
 
-    trial = dataclasses.replace(setup, chunk_size=SMALLEST, keep_chunks=0, loss_chunk_size=loss_chunk)
+    chunk = -(-SMALLEST // setup.sequence_parallel) * setup.sequence_parallel  # splits into equal slices
+    trial = dataclasses.replace(setup, chunk_size=chunk, keep_chunks=0, loss_chunk_size=loss_chunk)
     step = estimate(shape, trial).step_bytes
-    return Pick(SMALLEST, 0, loss_chunk, step, step / (1 - MARGIN))
+    return Pick(chunk, 0, loss_chunk, step, step / (1 - MARGIN))
 
 
 def planned_setup(model: nn.Module, input_ids: torch.Tensor, config: ChunkwiseConfig, masked: bool = False, **zero):

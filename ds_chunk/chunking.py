@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -30,6 +31,21 @@ def prepare_labels(
     target = torch.full_like(labels, IGNORE_INDEX)
     target[:, :-1] = labels[:, 1:]
     return target
+
+
+def pad_right(ids, labels, mask, pos, pad: int) -> tuple:
+    """(input_ids, labels, attention_mask, position_ids) with ``pad`` more tokens on the right:
+    mask 0, label -100 (labels and mask made explicit); positions go on counting, so padding
+    never makes a row look packed. Unchanged for pad 0."""
+    if pad == 0:
+        return ids, labels, mask, pos
+    mask = torch.ones_like(ids) if mask is None else mask
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if labels is None else labels
+    padded = [F.pad(t, (0, pad), value=v) for t, v in ((ids, 0), (labels, IGNORE_INDEX), (mask, 0))]
+    if pos is not None:
+        pos = pos.unsqueeze(0) if pos.dim() == 1 else pos
+        pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, pad + 1, device=pos.device)], dim=1)
+    return *padded, pos
 
 
 def check_inputs(

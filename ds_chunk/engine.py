@@ -21,12 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ds_chunk.budget import agreed_pick
 from ds_chunk.chunking import IGNORE_INDEX, prepare_labels
 from ds_chunk.config import OUR_BLOCKS, ChunkwiseConfig
 from ds_chunk.documents import Layout, check_packed
 from ds_chunk.kv import ChunkCache
 from ds_chunk.ops import announce_op_builds
 from ds_chunk.scheduler import ChunkScheduler, LocalGrads
+from ds_chunk.sequence_parallel import groups, pad_to_multiple, same_rows
 from ds_chunk.zero3 import common_length, joint_schedule, partitioned
 
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "position_ids")  # what train_batch reads from a batch
@@ -184,16 +186,18 @@ class ChunkwiseEngine:
     A step whose loss or gradient is not finite on any rank is skipped by every rank together.
     """
 
-    def __init__(self, engine, chunkwise: ChunkwiseConfig):
+    def __init__(self, engine, chunkwise: ChunkwiseConfig, sequence_parallel_size: int = 1):
         check_engine(engine)
         if not isinstance(engine.module, ChunkedLM):
             raise TypeError("wrap the model with ds_chunk.ChunkedLM before deepspeed.initialize / accelerator.prepare")
         self.engine = engine
         self.chunkwise = chunkwise
-        self.scheduler = ChunkScheduler(chunkwise)
+        self.sp = groups(sequence_parallel_size)  # every rank makes the groups, so before any other collective
+        self.scheduler = ChunkScheduler(chunkwise, sequence_parallel=self.sp)
         self.scheduler.partitioning = {
             "zero_stage": engine.zero_optimization_stage(),
             "world_size": self.rank_and_world()[1],
+            "sequence_parallel": sequence_parallel_size,
         }
         self.zero3 = engine.zero_optimization_stage() == 3
         self.grads = None if self.zero3 else LocalGrads(engine.module.parameters())
@@ -215,10 +219,17 @@ class ChunkwiseEngine:
         return self.engine.module.module
 
     def rank_and_world(self) -> tuple[int, int]:
-        """(data-parallel rank, world size); (0, 1) without torch.distributed."""
+        """(this process's rank, the number of ranks); (0, 1) without torch.distributed."""
         if not torch.distributed.is_initialized():
             return 0, 1
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def data_parallel(self) -> tuple[int, int]:
+        """(data-parallel rank, data-parallel size): which rows this rank trains on. The ranks of a
+        sequence-parallel group (``sequence_parallel_size``) train on the same rows."""
+        rank, world = self.rank_and_world()
+        size = 1 if self.sp is None else self.sp.size
+        return rank // size, world // size
 
     def _all_reduce(self, value: torch.Tensor, op=None) -> torch.Tensor:
         if self.rank_and_world()[1] > 1:
@@ -241,20 +252,25 @@ class ChunkwiseEngine:
         if ids.shape[0] % gas:
             raise ValueError(f"batch of {ids.shape[0]} rows does not split into gradient_accumulation_steps={gas}")
         ids, labels, mask, pos = (None if t is None else t.to(self.engine.device) for t in (ids, labels, mask, pos))
-        rank, world = self.rank_and_world()
+        world = self.rank_and_world()[1]
         if pos is not None:
             pos = self._positions(ids, pos)
         if self.zero3:
             ids, labels, mask, pos = common_length(ids, labels, mask, pos, self._all_reduce)
-        # Mean over all supervised tokens of the step on all ranks; DeepSpeed averages
-        # the ranks' gradients, so each rank divides by (global count / world size).
+        if self.sp is not None:
+            same_rows(self.sp, ids, labels, mask, pos)
+            ids, labels, mask, pos = pad_to_multiple(ids, labels, mask, pos, self.sp.size)
+        # Mean over all supervised tokens of the step on all ranks; DeepSpeed averages the
+        # ranks' gradients (all of them: DeepSpeed sees sequence-parallel ranks as data-parallel
+        # ones), so each rank divides by (global count / world size). The ranks of a
+        # sequence-parallel group hold the same rows: each counts them once between them.
         local = (prepare_labels(ids, labels, mask) != IGNORE_INDEX).sum().double()
-        total = float(self._all_reduce(local.clone()))
+        total = float(self._all_reduce(local.clone())) / (1 if self.sp is None else self.sp.size)
         if total == 0:
             raise ValueError("no supervised token in the step: every label is -100 (ignored)")
         self.last_results = []
         with self.autocast():
-            self._micro_batches((ids, labels, mask, pos), total / world, rank)
+            self._micro_batches((ids, labels, mask, pos), total / world, self.data_parallel()[0])
         grads = None if self.zero3 else self.grads.take()
         finite = self._all_finite(grads or [])
         if self.zero3 or finite:
@@ -286,10 +302,13 @@ class ChunkwiseEngine:
         return pos
 
     def _schedule(self, ids, labels, mask) -> list[bool] | None:
-        """ZeRO-3: whether each chunk holds a supervised token on any rank (None otherwise)."""
-        if not self.zero3:
-            return None
-        return joint_schedule(self.scheduler, self.engine.module, ids, labels, mask, self._all_reduce)
+        """ZeRO-3: whether each chunk holds a supervised token on any rank (None otherwise).
+        Sequence parallel: a memory budget's pick agreed by the ranks (a group runs one schedule)."""
+        if self.zero3:
+            return joint_schedule(self.scheduler, self.engine.module, ids, labels, mask, self._all_reduce)
+        if self.sp is not None and self.scheduler.config.memory_budget_gb is not None:
+            agreed_pick(self.scheduler, self.engine.module, ids, mask, self._all_reduce)
+        return None
 
     def _all_finite(self, grads) -> bool:
         """Whether the step's loss and gradient are finite on every rank (one all-reduce)."""
@@ -332,7 +351,7 @@ class ChunkwiseEngine:
                 num_tokens=normalizer,
                 boundary=False,  # the boundary is boundary_backward
                 step=self.engine.global_steps * gas + j,
-                rank=0 if self.zero3 else rank,  # ZeRO-3: the same SpaCO draw on every rank
+                rank=0 if self.zero3 else rank,  # ZeRO-3: the same SpaCO draw on every rank; SP: the group's
                 # ZeRO-0/1/2: no engine forward or backward per chunk (see LocalGrads)
                 backward_fn=self._chunk_backward if self.zero3 else self.grads,
                 forward_fn=self._forward if self.zero3 else None,
@@ -373,6 +392,27 @@ def refuse_float_quant_storage(module: nn.Module, bf16: bool) -> None:
                 f"DeepSpeed casts floating parameters to bf16, and would cast the packed 4-bit weights too ({name}); "
                 'use "quant_storage": "bfloat16", or leave it unset (uint8)'
             )
+
+
+def sequence_parallel_size(ds_config: dict, loader: bool = False) -> int:
+    """DeepSpeed's ``sequence_parallel_size`` (1 if absent): the ranks one sequence is split over
+    (``ds_chunk.sequence_parallel``). DeepSpeed itself reads it for the batch-size arithmetic only
+    (train_batch_size = micro batch x accumulation x data-parallel ranks)."""
+    size = ds_config.get("sequence_parallel_size", 1)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"sequence_parallel_size = {size!r}: expected a positive integer")
+    if size > 1 and "data_parallel_size" in ds_config:
+        raise ValueError(
+            f"data_parallel_size with sequence_parallel_size = {size}: DeepSpeed then reduces gradients over its "
+            "data-parallel mesh dimension only, not over the sequence-parallel ranks; leave data_parallel_size out "
+            "(ds_chunk takes it as the number of ranks / sequence_parallel_size)"
+        )
+    if size > 1 and loader:
+        raise ValueError(
+            f"training_data with sequence_parallel_size = {size}: DeepSpeed's loader would give the ranks of a "
+            "sequence-parallel group different rows; load the rows by engine.data_parallel() (rank, size) instead"
+        )
+    return size
 
 
 def load_ds_config(config: str | os.PathLike | dict) -> dict:
@@ -441,6 +481,7 @@ def initialize(
         raise ValueError("ds_chunk.initialize needs config= (a DeepSpeed config path or dict)")
     ds_config = load_ds_config(config)
     chunkwise = ChunkwiseConfig.from_ds_config(ds_config, source=None if isinstance(config, dict) else str(config))
+    sp_size = sequence_parallel_size(ds_config, training_data is not None)
     refuse_fp16(ds_config.get("fp16", {}).get("enabled", False) is True)
     if model is None:
         from ds_chunk.model import ModelConfig, build_model
@@ -468,4 +509,4 @@ def initialize(
             collate_fn=collate_fn,
             **kwargs,
         )
-    return ChunkwiseEngine(engine, chunkwise), optimizer, loader, lr_scheduler
+    return ChunkwiseEngine(engine, chunkwise, sp_size), optimizer, loader, lr_scheduler

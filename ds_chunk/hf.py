@@ -31,11 +31,13 @@ import transformers
 from torch import nn
 
 from ds_chunk.adapter import UnsupportedModelError, check_supported, unwrap
+from ds_chunk.budget import agreed_pick
 from ds_chunk.config import ChunkwiseConfig
 from ds_chunk.documents import Layout, check_packed
 from ds_chunk.engine import boundary_backward, check_engine, chunk_backward, chunk_modes, refuse_float_quant_storage
 from ds_chunk.neftune import row_noise
 from ds_chunk.scheduler import ChunkScheduler, LocalGrads
+from ds_chunk.sequence_parallel import SequenceParallel, from_deepspeed, gather_rows, group_sum, sp_zero3_scale
 from ds_chunk.zero3 import common_length, joint_schedule
 
 logger = logging.getLogger("ds_chunk")
@@ -132,10 +134,18 @@ class _ChunkwiseMixin:
         if self.is_deepspeed_enabled and args.bf16:
             refuse_float_quant_storage(self.model, True)
         pc = getattr(self.accelerator, "parallelism_config", None)
-        if pc is not None and (getattr(pc, "sp_enabled", False) or getattr(pc, "cp_enabled", False)):
+        handler = getattr(pc, "sp_handler", None)
+        if getattr(pc, "sp_enabled", False) and getattr(handler, "sp_disable_in_eval", True) is False:
             refuse(
-                "parallelism_config (sequence / context parallelism)",
-                "shards the sequence itself; chunk-wise training splits it in time instead: use one or the other",
+                "parallelism_config.sp_handler.sp_disable_in_eval = False",
+                "ds_chunk evaluates each rank's own rows whole (DeepSpeed's Ulysses attention would wait for the "
+                "group's other ranks, which hold other rows); leave it True",
+            )
+        if pc is not None and getattr(pc, "cp_enabled", False):
+            refuse(
+                "parallelism_config.cp_size (torch context parallelism)",
+                'shards the sequence with ring attention; use sp_backend="deepspeed", sp_size=N (Ulysses), which '
+                "ds_chunk splits chunk by chunk",
             )
         if _is_sft(loss_owner):
             if getattr(args, "loss_type", "nll") != "nll":
@@ -161,8 +171,13 @@ class _ChunkwiseMixin:
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        ids, labels, mask, positions = self._chunk_inputs(inputs)
         driver = self._driver = self._driver or _driver_for(model, self.accelerator)
+        sp = self._scheduler.sp = driver.sequence_parallel()
+        rows = inputs  # sequence parallel: DeepSpeed's shards here (the parent's metrics count them) ...
+        if sp is not None:  # ... refused if a chunk-wise step would drop a key; the whole rows run
+            self._chunk_inputs({k: v for k, v in inputs.items() if k != "shift_labels"})
+            rows = gather_rows(inputs, sp)
+        ids, labels, mask, positions = self._chunk_inputs(rows)
         sync = self.accelerator.sync_gradients  # the Trainer step's last micro-batch
         step = self.state.global_step * self.args.gradient_accumulation_steps + self._micro
         own = ids.shape[1]
@@ -178,7 +193,10 @@ class _ChunkwiseMixin:
         self._micro = 0 if sync else self._micro + 1
         if self._sft:
             self._sft_metrics(inputs, result.token_stats, result.aux_loss)
-        return torch.tensor(float(result.loss), dtype=torch.float32, device=self.args.device)
+        loss = torch.tensor(float(result.loss), dtype=torch.float32, device=self.args.device)
+        if sp is not None:  # each rank: its slices' share, of a loss scaled as the parent's gradient is
+            loss = group_sum(loss, sp) / sp_zero3_scale(sp, self._zero3())
+        return loss
 
     def _backward(self, model, ids, labels, mask, positions, has_loss, step, num_items_in_batch):
         """The micro-batch's chunk schedule, its backwards through the driver."""
@@ -191,7 +209,7 @@ class _ChunkwiseMixin:
             num_tokens=self._normalizer(labels, ids, mask, num_items_in_batch),
             boundary=False,
             step=step,
-            rank=0 if has_loss is not None else self.args.process_index,  # ZeRO-3: one draw for all ranks
+            rank=0 if has_loss is not None else self._data_rank(),  # ZeRO-3: one draw for all ranks
             backward_fn=driver.backward_fn,
             forward_fn=driver.forward,
             position_ids=positions,
@@ -199,6 +217,11 @@ class _ChunkwiseMixin:
             token_stats=self._sft,
             aux_weight=self._aux_weight(num_items_in_batch),
         )
+
+    def _data_rank(self) -> int:
+        """The data-parallel rank: a sequence-parallel group makes one draw."""
+        sp = self._scheduler.sp
+        return self.args.process_index // (1 if sp is None else sp.size)
 
     def _zero3(self) -> bool:
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None) if self.is_deepspeed_enabled else None
@@ -256,6 +279,8 @@ class _ChunkwiseMixin:
 
     def _normalizer(self, labels, ids, mask, num_items_in_batch) -> float:
         """What the parent's loss divides the micro-batch's summed token CE by (per rank)."""
+        if self._scheduler.sp is not None:  # as transformers' deepspeed_sp_compute_loss
+            num_items_in_batch = None  # the micro-batch's mean over the group, / accumulation steps
         if num_items_in_batch is not None:  # model-side normalisation over the whole step
             scale = (
                 self.accelerator.num_processes // self.get_tp_size() if self.args.average_tokens_across_devices else 1
@@ -264,7 +289,8 @@ class _ChunkwiseMixin:
         from ds_chunk.chunking import IGNORE_INDEX, prepare_labels
 
         count = int((prepare_labels(ids, labels, mask) != IGNORE_INDEX).sum())  # the micro-batch mean ...
-        return float(count * self.current_gradient_accumulation_steps)  # ... divided by the accumulation steps
+        count = float(count * self.current_gradient_accumulation_steps)  # ... / the accumulation steps
+        return count / sp_zero3_scale(self._scheduler.sp, self._zero3())
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """SpaCO's free loss is an estimate (sum of w_i * L_i over the replayed chunks, 0 when the
@@ -346,6 +372,9 @@ class _Plain:
     def modes(self):
         return contextlib.nullcontext()
 
+    def sequence_parallel(self) -> SequenceParallel | None:
+        return None
+
     def schedule(self, scheduler, model, ids, labels, mask, positions) -> tuple:
         """(ids, labels, mask, positions, has_loss) as this rank runs them: its own (has_loss None)."""
         return ids, labels, mask, positions, None
@@ -397,11 +426,20 @@ class _DeepSpeed(_Plain):
     def modes(self):
         return chunk_modes(self.engine.module)
 
+    def sequence_parallel(self) -> SequenceParallel | None:
+        """accelerate's ParallelismConfig(sp_backend="deepspeed", sp_size=N): DeepSpeed's group."""
+        return from_deepspeed()
+
     def schedule(self, scheduler, model, ids, labels, mask, positions) -> tuple:
-        if not self.zero3:
-            return super().schedule(scheduler, model, ids, labels, mask, positions)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        scheduler.partitioning = {"zero_stage": 3, "world_size": world}  # what a memory budget plans for
+        sp = scheduler.sp
+        if sp is not None or self.zero3:  # what a memory budget plans for
+            stage, size = self.engine.zero_optimization_stage(), 1 if sp is None else sp.size
+            scheduler.partitioning = {"zero_stage": stage, "world_size": world, "sequence_parallel": size}
+        if not self.zero3:
+            if sp is not None and scheduler.config.memory_budget_gb is not None:  # one pick for the group
+                agreed_pick(scheduler, model, ids, mask, _all_reduce)
+            return super().schedule(scheduler, model, ids, labels, mask, positions)
         if positions is not None:  # packed rows refused on every rank together, not one rank alone
             packed = torch.tensor(float(Layout.of(ids, positions).packed), device=ids.device)
             check_packed(model, bool(_all_reduce(packed, torch.distributed.ReduceOp.MAX) > 0))

@@ -28,7 +28,8 @@ from ds_chunk.offload import HostMemory, PrefixFetcher, side_stream, to_host
 class KVStore:
     """keys[layer][chunk], values[layer][chunk]: the leaves m_chunk of every layer."""
 
-    def __init__(self, num_layers: int, storage: torch.device | None = None):
+    def __init__(self, num_layers: int, storage: torch.device | None = None, sp=None):
+        self.sp = sp  # sequence parallel: each rank stores its heads of every chunk (see ChunkCache.update)
         self.keys: list[list[torch.Tensor | None]] = [[] for _ in range(num_layers)]
         self.values: list[list[torch.Tensor | None]] = [[] for _ in range(num_layers)]
         self.storage = storage
@@ -148,6 +149,8 @@ class ChunkCache(Cache):
             # under autocast) would take twice the memory in the cache, its gradient, and the cat
             dtype = torch.get_autocast_dtype(kind)
             key_states, value_states = key_states.to(dtype), value_states.to(dtype)
+        if self.store.sp is not None:  # this rank's slice, all heads -> the whole chunk, this rank's heads
+            key_states, value_states = self.store.sp.to_heads(key_states), self.store.sp.to_heads(value_states)
         if self.record:
             self.store.put(layer_idx, key_states, value_states)
         else:

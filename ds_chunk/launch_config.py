@@ -32,9 +32,10 @@ def load_config(args: argparse.Namespace, micro_batch: int | None = None) -> dic
         if value is not None:
             cfg.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})[key] = value
     batch = {"train_micro_batch_size_per_gpu": args.micro_batch_size, "gradient_accumulation_steps":
-             args.gradient_accumulation_steps, "gradient_clipping": args.max_grad_norm}  # fmt: skip
+             args.gradient_accumulation_steps, "gradient_clipping": args.max_grad_norm,
+             "sequence_parallel_size": args.sequence_parallel_size}  # fmt: skip
     cfg.update({key: value for key, value in batch.items() if value is not None})
-    if args.micro_batch_size or args.gradient_accumulation_steps:
+    if args.micro_batch_size or args.gradient_accumulation_steps or args.sequence_parallel_size:
         cfg.pop("train_batch_size", None)  # derived again below, consistent with the new factors
     if args.lr_scheduler:
         cfg.pop("scheduler", None)  # the flag's schedule replaces it (see lr_schedule)
@@ -109,7 +110,7 @@ def resolve_auto(cfg: dict, micro_batch: int | None) -> dict:
     if cfg.get("train_batch_size", "auto") == "auto":
         cfg["train_batch_size"] = cfg.get("train_micro_batch_size_per_gpu", 1) * cfg.get(
             "gradient_accumulation_steps", 1
-        ) * world_size()  # fmt: skip
+        ) * data_parallel_size(cfg)  # fmt: skip
     from ds_chunk.engine import load_ds_config
 
     return load_ds_config(cfg)  # raises on any "auto" left, naming its key
@@ -117,3 +118,14 @@ def resolve_auto(cfg: dict, micro_batch: int | None) -> dict:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def data_parallel_size(cfg: dict) -> int:
+    """The ranks that train on different rows: all of them over ``sequence_parallel_size``
+    (the ranks of a sequence-parallel group share their rows)."""
+    from ds_chunk.engine import sequence_parallel_size
+
+    size = sequence_parallel_size(cfg)
+    if world_size() % size:
+        raise ValueError(f"sequence_parallel_size = {size} does not divide the {world_size()} ranks")
+    return world_size() // size

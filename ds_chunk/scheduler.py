@@ -48,6 +48,7 @@ from ds_chunk.offload import SaveOnHost, side_stream
 from ds_chunk.rng import RngTape
 from ds_chunk.router import RouterLoss
 from ds_chunk.sampling import ChunkSampler, FixedDraw, GradientDraw
+from ds_chunk.sequence_parallel import SequenceParallel, check_sequence_parallel, pad_to_multiple
 
 BackwardFn = Callable[[torch.Tensor, bool], None]
 """backward_fn(scalar, is_last): backpropagate ``scalar``; ``is_last`` marks the last
@@ -98,7 +99,14 @@ class ChunkResult:
 class ChunkScheduler:
     """Chunk-wise backward for HF decoder-only models (SeCO, and SpaCO when configured)."""
 
-    def __init__(self, config: ChunkwiseConfig | dict | None = None, backward_fn: BackwardFn | None = None):
+    def __init__(
+        self,
+        config: ChunkwiseConfig | dict | None = None,
+        backward_fn: BackwardFn | None = None,
+        sequence_parallel: SequenceParallel | None = None,
+    ):
+        """sequence_parallel: the ranks each sequence is split over (``sequence_parallel.groups``);
+        every rank of the group calls ``backward`` with the same rows."""
         if not isinstance(config, ChunkwiseConfig):
             config = ChunkwiseConfig.from_dict(config if config is not None else {})
         self.config = config
@@ -107,6 +115,7 @@ class ChunkScheduler:
         self.calls = 0  # default SpaCO step index; part of the state for exact resume
         self.picks: dict[tuple, ChunkwiseConfig] = {}  # memory_budget_gb: plan_key -> settings
         self.partitioning: dict = {}  # zero_stage, world_size of an engine: what the planner counts per rank
+        self.sp = sequence_parallel
 
     def state_dict(self) -> dict:
         return {"calls": self.calls}
@@ -157,6 +166,10 @@ class ChunkScheduler:
         """
         hf = unwrap(model)
         check_supported(hf, input_ids.shape[-1])
+        if self.sp is not None:  # every rank its slice of each chunk: the length a multiple of the ranks
+            input_ids, labels, attention_mask, position_ids = pad_to_multiple(
+                input_ids, labels, attention_mask, position_ids, self.sp.size
+            )
         # a packed row may outgrow the trained length where positions only rotate (RoPE)
         rotary = position_ids is not None and uses_rope(hf)  # not on every call: a walk over all modules
         check_inputs(input_ids, attention_mask, max_positions(hf), position_ids if rotary else None)
@@ -170,13 +183,15 @@ class ChunkScheduler:
         if n == 0:
             raise ValueError("no supervised token in the batch: every label is -100 (ignored)")
         config = self.settings(model, input_ids, attention_mask)
+        router = RouterLoss.of(hf, aux_weight)
+        if self.sp is not None:
+            check_sequence_parallel(hf, self.sp, config, router is not None)
         bounds = chunk_bounds(input_ids.shape[1], config.chunk_size if config.enabled else input_ids.shape[1])
         identical = has_loss is not None
         if identical and len(has_loss) != len(bounds):
             raise ValueError(f"has_loss names {len(has_loss)} chunks, the batch has {len(bounds)}")
         if not identical:
             has_loss = [bool(supervised[:, s:e].any()) for s, e in bounds]
-        router = RouterLoss.of(hf, aux_weight)
         if router is not None:  # the router's loss reads every token's routing
             has_loss = [True] * len(bounds)
         if identical and self.sampler is not None and self.sampler.config.sampler == "gradient":
@@ -192,11 +207,11 @@ class ChunkScheduler:
         kind = "exact" if self.sampler is None else self.sampler.config.report_loss
         stats = TokenStats() if token_stats and kind == "exact" else None
         run = _ChunkRun(hf, config, input_ids, target, attention_mask, bounds, n, forward_fn, identical,
-                        layout=layout, stats=stats, router=router)  # fmt: skip
+                        layout=layout, stats=stats, router=router, sp=self.sp)  # fmt: skip
         with (
             no_cpu_inference_packing(hf),
             full_length_rope(hf, layout.longest),
-            chunk_attention(hf, attention_mask is not None, input_ids.device, layout.packed) as run.fast,
+            chunk_attention(hf, run.mask is not None, input_ids.device, layout.packed, self.sp) as run.fast,
         ):
             loss = run.forward_pass(draw, kind == "exact" and self.sampler is not None, has_loss)
             weights, replayed, weighted = run.replay(draw, backward_fn or self.backward_fn, boundary)
@@ -274,6 +289,8 @@ class LocalGrads:
         self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
 
     def add(self, scalar: torch.Tensor, store: KVStore) -> None:
+        if scalar.grad_fn is None:  # nothing trainable reaches it (no parameter before a chunk without loss)
+            return
         leaves = store.live_leaves()
         grads = torch.autograd.grad(scalar, self.params + leaves, allow_unused=True)
         for i, g in enumerate(grads[: len(self.params)]):
@@ -312,8 +329,12 @@ class _ChunkRun:
     def __init__(
         self, hf, config: ChunkwiseConfig, input_ids, target, attention_mask, bounds, normalizer, forward_fn, identical,
         *, layout: Layout, stats: TokenStats | None, router: RouterLoss | None = None,
+        sp: SequenceParallel | None = None,
     ):  # fmt: skip
         self.model, self.decoder, self.lm_head = hf, hf.get_decoder(), lm_head(hf)
+        self.sp = sp  # sequence parallel: this rank runs its slice of each chunk (SequenceParallel.slice)
+        if sp is not None:  # right padding only (check_inputs): causal attention never reads the mask
+            attention_mask = None
         self.forward_fn = forward_fn or (lambda kwargs: self.decoder(**kwargs)[0])
         self.cache_key = cache_kwarg(self.decoder)
         self.input_ids, self.target, self.mask = input_ids, target, attention_mask
@@ -333,18 +354,24 @@ class _ChunkRun:
         self.kernel = loss_kernels.pick(config.loss_kernel, self.lm_head, device, dtype, rows, self.sub_chunk)
         self.skip_unsupervised = not identical  # identical schedules: every rank calls the LM head alike
         storage = torch.device("cpu") if config.kv_offload else None
-        self.store = KVStore(text.num_hidden_layers, storage)
+        self.store = KVStore(text.num_hidden_layers, storage, sp)
         self.rng = RngTape(input_ids.device)
         self.trainable = [p for p in hf.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError(f"{type(hf).__name__} has no trainable parameter (requires_grad=False everywhere)")
 
+    def tokens(self, c: int) -> tuple[int, int]:
+        """The tokens of chunk c this rank runs: all of them, or its slice (sequence parallel)."""
+        return self.bounds[c] if self.sp is None else self.sp.slice(*self.bounds[c])
+
     def hidden(self, c: int, record: bool) -> tuple[torch.Tensor, ChunkCache]:
         s, e = self.bounds[c]
+        a, b = self.tokens(c)
         cache = ChunkCache(self.store, c, record)
         kwargs = {
-            "input_ids": self.input_ids[:, s:e],
-            **self.layout.inputs(s, e, self.mask, self.fast, self.mask_kind),
+            "input_ids": self.input_ids[:, a:b],
+            **self.layout.inputs(s, e, self.mask, self.fast, self.mask_kind),  # attention sees the whole chunk
+            "position_ids": self.layout.positions(a, b),
             "use_cache": True,
             self.cache_key: cache,
         }
@@ -356,10 +383,14 @@ class _ChunkRun:
         return hidden, cache
 
     def loss(self, c: int, hidden: torch.Tensor, stats: TokenStats | None = None) -> torch.Tensor:
-        s, e = self.bounds[c]
-        target = self.target[:, s:e]
+        a, b = self.tokens(c)
         args = (self.normalizer, self.sub_chunk, self.skip_unsupervised, self.kernel, stats)
-        return chunk_loss(self.lm_head, hidden, target, *args)
+        loss = chunk_loss(self.lm_head, hidden, self.target[:, a:b], *args)
+        if self.sp is not None and loss.grad_fn is None and hidden.requires_grad:
+            # no supervised token in this rank's slice: its backward must still run through the
+            # decoder, whose all-to-alls wait for every rank of the group
+            loss = loss + 0.0 * hidden.sum()
+        return loss
 
     @torch.no_grad()
     def forward_pass(self, draw, want_loss: bool, has_loss: list[bool]) -> torch.Tensor:

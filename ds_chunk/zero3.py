@@ -9,9 +9,8 @@ import contextlib
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
-from ds_chunk.chunking import IGNORE_INDEX, chunk_bounds, prepare_labels
+from ds_chunk.chunking import IGNORE_INDEX, chunk_bounds, pad_right, prepare_labels
 
 
 def partitioned(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -38,15 +37,7 @@ def common_length(ids, labels, mask, pos, all_reduce: AllReduce) -> tuple:
     the same number of chunk forwards (each gathers the parameters); positions go on counting,
     so padding never makes a row look packed."""
     longest = int(all_reduce(torch.tensor(ids.shape[1], device=ids.device), torch.distributed.ReduceOp.MAX))
-    mask = torch.ones_like(ids) if mask is None else mask
-    labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if labels is None else labels
-    pad = longest - ids.shape[1]
-    if pad == 0:
-        return ids, labels, mask, pos
-    padded = [F.pad(t, (0, pad), value=v) for t, v in ((ids, 0), (labels, IGNORE_INDEX), (mask, 0))]
-    if pos is not None:
-        pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, pad + 1, device=pos.device)], dim=1)
-    return *padded, pos
+    return pad_right(ids, labels, mask, pos, longest - ids.shape[1])
 
 
 def joint_schedule(scheduler, module, ids, labels, mask, all_reduce: AllReduce) -> list[bool]:

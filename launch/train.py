@@ -42,7 +42,7 @@ from ds_chunk.data import (  # noqa: E402
     split_records,
 )
 from ds_chunk.interrupt import Interrupted, StopOnSignal  # noqa: E402
-from ds_chunk.launch_config import load_config, world_size  # noqa: E402
+from ds_chunk.launch_config import data_parallel_size, load_config, world_size  # noqa: E402
 from ds_chunk.model import load_tokenizer  # noqa: E402
 from ds_chunk.run_folder import default_output_dir, method_name, resume_point, save_base_model  # noqa: E402
 from ds_chunk.tracking import RunLog, tracker_names, train_step  # noqa: E402
@@ -140,6 +140,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     o.add_argument("--max-grad-norm", type=_number(float, 0.0), help="gradient_clipping (0: off)")
     o.add_argument("--micro-batch-size", type=_number(int, 1), help="train_micro_batch_size_per_gpu")
     o.add_argument("--gradient-accumulation-steps", type=_number(int, 1), help="gradient_accumulation_steps")
+    o.add_argument(
+        "--sequence-parallel-size",
+        type=_number(int, 1),
+        help="sequence_parallel_size: the ranks each sequence is split over (Ulysses; the others train on other rows)",
+    )
     o.add_argument("--lr-scheduler", help="a transformers schedule (linear, cosine, constant_with_warmup, ...), "
                    "replacing the config's scheduler block")  # fmt: skip
     o.add_argument("--warmup-steps", type=_number(int, 0), help="with --lr-scheduler")
@@ -301,13 +306,13 @@ def build_data(args: argparse.Namespace, cfg: dict):
 
 def total_steps(args: argparse.Namespace, cfg: dict, num_examples: int) -> int:
     """Optimizer steps: --max-steps, else --epochs over the data, else the default."""
-    rows = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world_size()
+    rows = cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * data_parallel_size(cfg)
     per_epoch = num_examples // rows
     if per_epoch == 0:
         raise ValueError(
             f"the training set has {num_examples} examples, fewer than one step's {rows} rows (micro batch "
             f"{cfg['train_micro_batch_size_per_gpu']} x gradient accumulation {cfg['gradient_accumulation_steps']} "
-            f"x {world_size()} ranks): lower --micro-batch-size or add data"
+            f"x {data_parallel_size(cfg)} data-parallel ranks): lower --micro-batch-size or add data"
         )
     if args.max_steps is not None:
         return args.max_steps
@@ -340,7 +345,7 @@ def begin(args: argparse.Namespace, engine, steps: int, resume: str | None, cfg:
     run = {"resumed_from": resume, "world_size": world, "args": vars(args), "ds_config": cfg}
     log = RunLog(args.output_dir, steps, start, rank, run, tracker_names(args.report_to))
     rows, chunked = (
-        engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps() * world,
+        engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps() * engine.data_parallel()[1],
         engine.chunkwise.enabled,
     )
     budget = engine.chunkwise.memory_budget_gb
@@ -379,7 +384,7 @@ class _Lines(logging.Handler):
 def train(args: argparse.Namespace, engine, train_data, eval_data, steps: int, resume: str | None, cfg: dict):
     """The loop: one engine.train_batch per step; eval, checkpoint, log. Returns the records.
     On SIGINT / SIGTERM the step under way finishes, a checkpoint is written, Interrupted raised."""
-    rank, world = engine.rank_and_world()
+    rank, world = engine.data_parallel()  # the ranks of a sequence-parallel group share their rows
     rows = engine.train_micro_batch_size_per_gpu() * engine.gradient_accumulation_steps()
     chunk = engine.chunkwise.chunk_size if engine.chunkwise.enabled else args.seq_len
     ckpt_dir = os.path.join(args.output_dir, "checkpoints")

@@ -388,40 +388,44 @@ def test_what_cannot_be_chunked_is_refused(tmp_path):
         trainer._chunk_inputs({"input_ids": torch.zeros(1, 4, dtype=torch.long), "token_type_ids": torch.zeros(1, 4)})
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("zero", [None, 1, 3])
-def test_two_ranks_equal_the_parent(tmp_path, zero):
-    """torchrun, 2 CPU ranks (gloo), one row each (rows of different lengths): DistributedDataParallel,
-    or DeepSpeed ZeRO-1, or ZeRO-3 (every rank padded to the longer row, one joint schedule)."""
+TWO_RANKS = {"ddp": (None, 1), "zero1": (1, 1), "zero3": (3, 1), "zero1_sp2": (1, 2), "zero3_sp2": (3, 2)}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """tests/scripts/hf_two_rank.py's cases of TWO_RANKS in one torchrun launch: {case: result}."""
     import subprocess
 
     from test_ranks import free_port
 
-    flags = []
-    if zero is not None:
-        path = tmp_path / "ds.json"
-        zero_cfg = {"stage": zero, "stage3_param_persistence_threshold": 0}  # ZeRO-3: partition even small ones
-        path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                                    "gradient_clipping": "auto", "zero_force_ds_cpu_optimizer": False,
-                                    "zero_optimization": zero_cfg}))  # fmt: skip
-        flags = ["--deepspeed", str(path)]
+    out, flags = tmp_path_factory.mktemp("hf_two_ranks"), []
+    for name, (zero, sp) in TWO_RANKS.items():
+        case = ""
+        if zero is not None:
+            path = out / f"{name}.json"
+            zero_cfg = {"stage": zero, "stage3_param_persistence_threshold": 0}  # ZeRO-3: partition even small ones
+            path.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                                        "gradient_clipping": "auto", "zero_force_ds_cpu_optimizer": False,
+                                        "zero_optimization": zero_cfg}))  # fmt: skip
+            case = f"--deepspeed {path} --sp {sp}"
+        flags += ["--case", f"{name}={case}"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     script = os.path.join(os.path.dirname(__file__), "scripts", "hf_two_rank.py")
-    cmd = [
-        "torchrun",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        script,
-        "--out",
-        str(tmp_path),
-        *flags,
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), script, "--out", str(out), *flags]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "Error" in line or "rror:" in line]
     assert proc.returncode == 0, "\n".join(errors[:40]) + proc.stderr[-2000:]
-    result = torch.load(tmp_path / "result.pt")
+    return {name: torch.load(out / f"{name}.pt") for name in TWO_RANKS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TWO_RANKS))
+def test_two_ranks_equal_the_parent(two_rank_runs, name):
+    """torchrun, 2 CPU ranks (gloo), one row each (rows of different lengths): DistributedDataParallel,
+    or DeepSpeed ZeRO-1, or ZeRO-3 (every rank padded to the longer row, one joint schedule). sp2:
+    accelerate's ParallelismConfig(sp_backend="deepspeed", sp_size=2), each sequence over both
+    ranks, against the parent's own Ulysses step (DeepSpeed's ALST)."""
+    result, zero = two_rank_runs[name], TWO_RANKS[name][0]
     assert result["ours"]["kind"] == ("DeepSpeedEngine" if zero else "DistributedDataParallel")
     assert result["ours"]["losses"] == pytest.approx(result["parent"]["losses"], rel=1e-5)
     start = dict(tiny_model("llama", dtype=torch.float32, seed=0).named_parameters())

@@ -2,6 +2,7 @@
 and a figure quoted twice is the same in both places.
 
 python tests/test_readme_figures.py    # prints the planner table as it should read in docs/benchmarks.md
+python tests/test_readme_figures.py --sequence-parallel    # and README's sequence-parallel table
 """
 
 import os
@@ -30,6 +31,34 @@ def planner_rows() -> list[str]:
         cells = [masked.total_bytes, flash.total_bytes, offload.total_bytes, sum(offload.host.values())]
         rows.append(f"| {t // 1024}K | " + " | ".join(f"{c / GIB:.1f}" for c in cells) + " |")
     return rows
+
+
+# README's command for one 1M-token sequence of Llama-3-8B QLoRA on 8 GPUs (less the last two flags, varied)
+SEQUENCE_PARALLEL = ("--config llama-3-8b --seq-len 1048576 --chunk-size 4096 --quant 4bit --lora-rank 8 "
+                     "--zero-stage 1 --offload-optimizer --world-size 8 --gpu-mem-gb 80")  # fmt: skip
+SEQUENCE_PARALLEL_HEADER = "| `--sequence-parallel-size` | `--kv-offload` | device GiB per GPU |"
+
+
+def sequence_parallel_rows() -> list[str]:
+    """The rows of that table as ``python -m ds_chunk.plan`` computes them now."""
+    from ds_chunk.plan import recommend
+
+    rows = []
+    for sp, offload in ((1, False), (1, True), (8, False), (8, True)):
+        args = SEQUENCE_PARALLEL.split() + ["--sequence-parallel-size", str(sp)] + (["--kv-offload"] if offload else [])
+        shape, setup = ModelShape.from_config("llama-3-8b"), setup_from_args(parse_args(args))
+        est, rec = estimate(shape, setup), recommend(shape, setup, advise=False)
+        best = f"{rec.chunk_size // 1024}K" if rec.chunk_size else "none"
+        device, host = est.total_bytes / GIB, sum(est.host.values()) / GIB
+        cells = [str(sp), "yes" if offload else "no", f"{device:.1f}", f"{host:.1f}", best]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def test_sequence_parallel_table_is_what_the_planner_prints():
+    want = sequence_parallel_rows()
+    got = table_rows("README.md", SEQUENCE_PARALLEL_HEADER)
+    assert got == want, "README's sequence-parallel table is stale; it should read:\n" + "\n".join(want)
 
 
 def table_rows(page: str, header: str) -> list[str]:
@@ -62,4 +91,6 @@ def test_readme_headline_is_the_memory_budget_table():
 
 
 if __name__ == "__main__":
-    print("\n".join(planner_rows()))
+    import sys
+
+    print("\n".join(sequence_parallel_rows() if "--sequence-parallel" in sys.argv else planner_rows()))

@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0)
     p.add_argument("--offload-optimizer", action="store_true")
     p.add_argument("--world-size", type=int, default=1)
+    p.add_argument(
+        "--sequence-parallel-size",
+        type=int,
+        default=1,
+        help="ranks each sequence is split over (Ulysses); --world-size counts them",
+    )
     p.add_argument("--reserve-gb", type=float, default=1.0, help="CUDA context, workspace, fragmentation")
     p.add_argument("--check", type=Path, metavar="CSV", help="compare with a ds_chunk.bench CSV instead (--config: "
                    "the model it measured; default: the CSV's model column, else the bench's model)")  # fmt: skip
@@ -69,6 +75,7 @@ def setup_from_args(args: argparse.Namespace) -> Setup:
         zero_stage=args.zero_stage,
         offload_optimizer=args.offload_optimizer,
         world_size=args.world_size,
+        sequence_parallel=args.sequence_parallel_size,
         gpu_mem_gb=args.gpu_mem_gb,
         reserve_gb=args.reserve_gb,
     )

@@ -123,7 +123,7 @@ def layer_activation_bytes(shape: ModelShape, setup: Setup) -> int:
 
 def kv_token_bytes(shape: ModelShape, setup: Setup) -> int:
     """K and V of one token in all layers, after RoPE and before the GQA repeat: [L, 2, kv, d]."""
-    return shape.layers * 2 * shape.kv_heads * shape.head_dim * setup.bytes
+    return shape.layers * 2 * (shape.kv_heads // setup.sequence_parallel) * shape.head_dim * setup.bytes
 
 
 def sub_chunk(shape: ModelShape, setup: Setup, tokens: int) -> int:
@@ -185,10 +185,10 @@ def _replay_moment(shape: ModelShape, setup: Setup, start: int, size: int, grads
     """
     if setup.kv_offload:
         return _offloaded_moment(shape, setup, start, size, grads_done)
-    batch, prefix = setup.batch, start
+    batch, prefix, own = setup.batch, start, size // setup.sequence_parallel  # own: this rank's tokens
     kv = kv_token_bytes(shape, setup) * batch
     share = 1.0 if setup.method == "seco" else setup.sparse_rate  # SpaCO: only replayed leaves get grads
-    return {
+    return _all_to_all(shape, setup, own) | {
         "gradients": gradient_bytes(shape, setup) if grads_done else 0.0,
         "kv_leaves": prefix * kv,  # m_0..m_{c-1}; m_c itself was freed when its replay began
         # the prefix leaves' .grad + the gradient carried into m_c
@@ -196,9 +196,17 @@ def _replay_moment(shape: ModelShape, setup: Setup, start: int, size: int, grads
         # cat(prefix, chunk) K and V and a float mask saved by SDPA in every layer, + the bool mask
         "attention_kv": shape.layers * _attention_bytes(shape, setup, prefix, size)
         + _bool_mask(shape, setup, prefix, size),
-        "activations": size * batch * _token_bytes(shape, setup),
-        "logits": logits_bytes(shape, setup, size),
+        "activations": own * batch * _token_bytes(shape, setup),
+        "logits": logits_bytes(shape, setup, own),
     }
+
+
+def _all_to_all(shape: ModelShape, setup: Setup, own: int) -> dict[str, float]:
+    """Sequence parallel: the largest all-to-all's two buffers (its contiguous input and its
+    output, [B, own tokens, heads, d]: the queries or attention's output), one at a time."""
+    if setup.sequence_parallel == 1:
+        return {}
+    return {"all_to_all": 2.0 * setup.batch * own * shape.heads * shape.head_dim * setup.bytes}
 
 
 def _attention_bytes(shape: ModelShape, setup: Setup, prefix: int, size: int) -> float:
@@ -207,12 +215,14 @@ def _attention_bytes(shape: ModelShape, setup: Setup, prefix: int, size: int) ->
     K and V, counted in the activations). Masked attention (not flash): repeated over the
     query heads when there is a prefix (SDPA then gets a mask, and HF repeats K/V for GQA),
     and the float copy SDPA makes of the bool mask [B, 1, size, prefix + size] in every layer.
+    Sequence parallel: the rank's 1/N of the heads, over the whole chunk.
     """
+    n = setup.sequence_parallel
     if uses_flash(shape, setup):
         joined = prefix + size if prefix else 0
-        return setup.batch * joined * 2 * shape.kv_heads * shape.head_dim * setup.bytes
+        return setup.batch * joined * 2 * (shape.kv_heads // n) * shape.head_dim * setup.bytes
     heads = shape.heads if prefix and shape.heads > shape.kv_heads else shape.kv_heads
-    kv = (prefix + size) * 2 * heads * shape.head_dim * setup.bytes
+    kv = (prefix + size) * 2 * (heads // n) * shape.head_dim * setup.bytes
     mask = setup.bytes * size * (prefix + size) if prefix else 0
     return setup.batch * (kv + mask)
 
@@ -239,13 +249,14 @@ def _offloaded_moment(shape: ModelShape, setup: Setup, start: int, size: int, gr
     gradient, and the next layer's prefix fetched ahead; or, at the CE backward, the loss's
     [s, V] tensors. Not checked by measurement (on a CPU, device and host are one RSS).
     """
-    layer = size * setup.batch * layer_activation_bytes(shape, setup)
+    own = size // setup.sequence_parallel  # this rank's tokens of the chunk
+    layer = own * setup.batch * layer_activation_bytes(shape, setup)
     ahead = start * setup.batch * kv_token_bytes(shape, setup) / shape.layers
-    return {
+    return _all_to_all(shape, setup, own) | {
         "gradients": gradient_bytes(shape, setup) if grads_done else 0.0,
         "attention_kv": 2 * _attention_bytes(shape, setup, start, size) + _bool_mask(shape, setup, start, size) + ahead,
         "activations": layer,
-        "logits": logits_bytes(shape, setup, size),
+        "logits": logits_bytes(shape, setup, own),
     }
 
 
@@ -283,7 +294,7 @@ def _saved(shape: ModelShape, setup: Setup, prefix: int, size: int) -> float:
     although on the device they share storage."""
     q = shape.heads * shape.head_dim
     twice = input_bytes(setup, ("o_proj",), q) if not (setup.lora_rank and setup.bytes < 4) else 0
-    acts = size * setup.batch * (_token_bytes(shape, setup) + shape.layers * twice)
+    acts = size // setup.sequence_parallel * setup.batch * (_token_bytes(shape, setup) + shape.layers * twice)
     return shape.layers * _attention_bytes(shape, setup, prefix, size) + acts
 
 

@@ -55,7 +55,7 @@ class Estimate:
 
 def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     """Predict the peak memory of one training step of ``setup`` on ``shape``."""
-    _validate(setup)
+    _validate(shape, setup)
     steps = {"seco": chunked_step, "spaco": chunked_step, "plain": plain_step, "ckpt": ckpt_step}
     step = steps[setup.method](shape, setup)
     lora = trainable_params(shape, setup) * 4 if setup.lora_rank else 0.0
@@ -69,7 +69,7 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     return Estimate(setup, persistent, step, host)
 
 
-def _validate(setup: Setup) -> None:
+def _validate(shape: ModelShape, setup: Setup) -> None:
     if setup.method not in ("seco", "spaco", "plain", "ckpt"):
         raise ValueError(f"method {setup.method!r}: expected seco, spaco, plain or ckpt")
     if setup.method == "spaco" and not (setup.sparse_rate and 0 < setup.sparse_rate <= 1):
@@ -80,6 +80,22 @@ def _validate(setup: Setup) -> None:
         raise ValueError(f"attention {setup.attention!r}: expected auto, flash or masked")
     if setup.quant != "none" and setup.lora_rank == 0:
         raise ValueError("quantized base weights cannot be trained: set lora_rank > 0")
+    _validate_sequence_parallel(shape, setup)
+
+
+def _validate_sequence_parallel(shape: ModelShape, setup: Setup) -> None:
+    n = setup.sequence_parallel
+    if n == 1:
+        return
+    if n < 1 or setup.world_size % n:
+        raise ValueError(f"sequence_parallel {n}: must divide world_size {setup.world_size} (dp x sp ranks)")
+    if not setup.chunked:
+        raise ValueError(f"sequence_parallel {n} with method {setup.method}: planned for seco / spaco only")
+    if shape.heads % n or shape.kv_heads % n:
+        raise ValueError(f"sequence_parallel {n}: {shape.heads} heads and {shape.kv_heads} key/value heads must be "
+                         f"multiples of it")  # fmt: skip
+    if setup.chunk_size % n:
+        raise ValueError(f"sequence_parallel {n}: chunk_size {setup.chunk_size} is not a multiple of it")
 
 
 # ---- recommendation --------------------------------------------------------------------
@@ -95,12 +111,13 @@ class Recommendation:
     advice: list[str]
 
 
-def chunk_candidates(seq_len: int, smallest: int = 64) -> list[int]:
-    """Powers of two from ``smallest`` up to the first one that covers the sequence."""
+def chunk_candidates(seq_len: int, smallest: int = 64, multiple: int = 1) -> list[int]:
+    """Powers of two from ``smallest`` up to the first one that covers the sequence, each rounded
+    up to a multiple of ``multiple`` (sequence parallel: chunks split into equal slices)."""
     sizes = [smallest]
     while sizes[-1] < seq_len:
         sizes.append(sizes[-1] * 2)
-    return sizes
+    return list(dict.fromkeys(-(-s // multiple) * multiple for s in sizes))
 
 
 def recommend(shape: ModelShape, setup: Setup, advise: bool = True) -> Recommendation:
@@ -115,7 +132,8 @@ def recommend(shape: ModelShape, setup: Setup, advise: bool = True) -> Recommend
         est = estimate(shape, setup)
         advice = [] if est.fits or not advise else _advice(shape, setup)
         return Recommendation(None if not est.fits else setup.seq_len, est, {}, advice)
-    estimates = {c: estimate(shape, dataclasses.replace(setup, chunk_size=c)) for c in chunk_candidates(setup.seq_len)}
+    candidates = chunk_candidates(setup.seq_len, multiple=setup.sequence_parallel)
+    estimates = {c: estimate(shape, dataclasses.replace(setup, chunk_size=c)) for c in candidates}
     fitting = [c for c, e in estimates.items() if e.fits]
     best = max(fitting) if fitting else None
     est = estimates[best if best else min(estimates)]

@@ -162,6 +162,9 @@ class Setup:
     zero_stage: int = 0
     offload_optimizer: bool = False
     world_size: int = 1
+    # ranks each sequence is split over (Ulysses, sequence_parallel_size): each holds 1/N of every
+    # chunk's tokens and of the K/V heads; world_size counts them (ZeRO partitions over all ranks)
+    sequence_parallel: int = 1
     gpu_mem_gb: float | None = None
     reserve_gb: float = 1.0  # CUDA context, cuBLAS workspace, allocator fragmentation
 
