@@ -40,11 +40,11 @@ class SequenceParallel:
 
     def to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, heads, C/N, d] (this rank's slice, all heads) -> [B, heads/N, C, d] (the whole chunk)."""
-        return _ToHeads.apply(x, self)
+        return _Swap.apply(x, self, _heads, _sequence)
 
     def to_sequence(self, x: torch.Tensor) -> torch.Tensor:
         """[B, heads/N, C, d] -> [B, heads, C/N, d]: the inverse of ``to_heads``."""
-        return _ToSequence.apply(x, self)
+        return _Swap.apply(x, self, _sequence, _heads)
 
 
 def groups(size: int) -> SequenceParallel | None:
@@ -88,26 +88,17 @@ def _sequence(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
     return got.transpose(0, 1).reshape(b, sp.size * h, c // sp.size, d)
 
 
-class _ToHeads(torch.autograd.Function):
+class _Swap(torch.autograd.Function):
+    """An all-to-all (``there``) whose backward is its inverse (``back``)."""
+
     @staticmethod
-    def forward(ctx, x, sp):
-        ctx.sp = sp
-        return _heads(x, sp)
+    def forward(ctx, x, sp, there, back):
+        ctx.sp, ctx.back = sp, back
+        return there(x, sp)
 
     @staticmethod
     def backward(ctx, grad):
-        return _sequence(grad, ctx.sp), None
-
-
-class _ToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, sp):
-        ctx.sp = sp
-        return _sequence(x, sp)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _heads(grad, ctx.sp), None
+        return ctx.back(grad, ctx.sp), None, None, None
 
 
 def pad_to_multiple(ids, labels, mask, pos, size: int) -> tuple:
