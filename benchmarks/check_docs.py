@@ -39,6 +39,13 @@ TABLES = {
         1.0,
     ),
     "sp": ("docs/multi-gpu.md", "| what | ranks |", [PY, "benchmarks/sequence_parallel.py"], 2, 10.0),
+    "sp-real-model": (
+        "docs/multi-gpu.md",
+        "| model | ranks |",
+        ["torchrun", "--nproc_per_node", "3", "benchmarks/real_model_sequence_parallel.py"],
+        3,
+        10.0,
+    ),
 }
 
 

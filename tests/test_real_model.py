@@ -247,3 +247,20 @@ def test_text_passkey_run_with_rope_scaling(smol, tmp_path, monkeypatch):
 
     model, _ = load_checkpoint(str(tmp_path / "checkpoints" / "step_1"))
     assert model.config.rope_parameters == {"rope_type": "linear", "factor": 4, "rope_theta": 100000.0}
+
+
+def test_float64_sequence_parallel_over_three_ranks_equals_full_backprop(smol):
+    """benchmarks/real_model_sequence_parallel.py: each sequence over 3 CPU ranks (SmolLM2's 9 heads
+    and 3 key/value heads split by 3), LoRA, float64, against one process's full backprop."""
+    import subprocess
+
+    from test_ranks import free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "real_model_sequence_parallel.py")
+    cmd = ["torchrun", "--nproc_per_node", "3", "--master_port", str(free_port()), script]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| SmolLM2"))
+    loss_err, grad_err = (float(c) for c in row.strip("|").split("|")[3:5])
+    assert loss_err < 1e-12 and grad_err < 1e-12
