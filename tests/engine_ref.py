@@ -17,7 +17,11 @@ def lora_model(seed: int = 0) -> torch.nn.Module:
     return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
 
 
-def ds_config(stage: int, offload: bool, micro: int = 2, gas: int = 1, bf16: bool = False, chunk: int = 16) -> dict:
+def ds_config(
+    stage: int, offload: bool, micro: int = 2, gas: int = 1, bf16: bool = False, chunk: int = 16, sgd: float = 0.0
+) -> dict:
+    """sgd > 0: plain SGD at this learning rate instead of AdamW (no momentum, no normalisation: a
+    scaled gradient shows in every weight)."""
     cfg = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
@@ -29,6 +33,8 @@ def ds_config(stage: int, offload: bool, micro: int = 2, gas: int = 1, bf16: boo
     }
     if stage == 3:  # partition even these tiny parameters (by default small ones stay whole)
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    if sgd:
+        cfg["optimizer"], cfg["zero_allow_untested_optimizer"] = {"type": "SGD", "params": {"lr": sgd}}, True
     if offload:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     else:

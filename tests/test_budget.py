@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from engine_ref import lora_model, max_param_err
+from engine_ref import ds_config, lora_model, max_param_err
 from models import grads, max_rel_err, reference_loss, tiny_model
 
 import ds_chunk
@@ -85,17 +85,7 @@ def test_kept_chunks_and_a_budget_refused_where_they_are_not_seco():
 
 
 def _own_step_config(stage: int, chunkwise: dict) -> dict:
-    cfg = {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-        "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "chunkwise": chunkwise,
-    }
-    return cfg
+    return ds_config(stage, False, 2, 1, sgd=0.1) | {"chunkwise": chunkwise}
 
 
 @pytest.mark.parametrize("stage", [0, 3])

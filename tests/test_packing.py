@@ -150,8 +150,7 @@ def test_train_batch_equals_deepspeeds_own_packed_step(stage):
 
     model = lora_model()
     ids, labels, pos = _packed()
-    cfg = ds_config(stage, False, 2, 1, chunk=6)
-    cfg["optimizer"], cfg["zero_allow_untested_optimizer"] = {"type": "SGD", "params": {"lr": 0.1}}, True
+    cfg = ds_config(stage, False, 2, 1, chunk=6, sgd=0.1)
     ref, *_ = ds_chunk.initialize(model=copy.deepcopy(model), config=cfg)
     for _ in range(2):
         ref.backward(ref(input_ids=ids, labels=labels, position_ids=pos, use_cache=False).loss)

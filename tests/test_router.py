@@ -14,6 +14,7 @@ import families
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_ref import ds_config
 from models import max_rel_err, packed_positions
 
 import ds_chunk
@@ -185,16 +186,7 @@ def test_engine_equals_deepspeeds_own_step(stage, single_process_env):
     import deepspeed
 
     model = families.build("mixtral_router").float()  # DeepSpeed reduces no float64 gradient
-    cfg = {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 2,
-        "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-        "optimizer": {"type": "SGD", "params": {"lr": 0.5}},
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,
-        "chunkwise": {"chunk_size": C},
-    }
+    cfg = ds_config(stage, False, 2, 2, chunk=C, sgd=0.5)
     g = torch.Generator().manual_seed(5)
     batches = [torch.randint(3, 97, (4, K * C), generator=g) for _ in range(2)]  # equal rows: equal means
     ref, *_ = ds_chunk.initialize(model=copy.deepcopy(model), config=cfg)
