@@ -24,12 +24,11 @@ from torch import nn
 from ds_chunk.budget import agreed_pick
 from ds_chunk.chunking import IGNORE_INDEX, prepare_labels
 from ds_chunk.config import OUR_BLOCKS, ChunkwiseConfig
-from ds_chunk.documents import Layout, check_packed
 from ds_chunk.kv import ChunkCache
 from ds_chunk.ops import announce_op_builds
 from ds_chunk.scheduler import ChunkScheduler, LocalGrads
 from ds_chunk.sequence_parallel import groups, pad_to_multiple, same_rows
-from ds_chunk.zero3 import common_length, joint_schedule, partitioned
+from ds_chunk.zero3 import all_reduce, check_packed_together, common_length, joint_schedule, partitioned
 
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "position_ids")  # what train_batch reads from a batch
 
@@ -231,11 +230,6 @@ class ChunkwiseEngine:
         size = 1 if self.sp is None else self.sp.size
         return rank // size, world // size
 
-    def _all_reduce(self, value: torch.Tensor, op=None) -> torch.Tensor:
-        if self.rank_and_world()[1] > 1:
-            torch.distributed.all_reduce(value, **({} if op is None else {"op": op}))
-        return value
-
     def train_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One optimizer step on ``batch`` (input_ids, optional labels / attention_mask /
         position_ids: restarting ones mark packed documents, see ``ChunkScheduler.backward``).
@@ -256,7 +250,7 @@ class ChunkwiseEngine:
         if pos is not None:
             pos = self._positions(ids, pos)
         if self.zero3:
-            ids, labels, mask, pos = common_length(ids, labels, mask, pos, self._all_reduce)
+            ids, labels, mask, pos = common_length(ids, labels, mask, pos, all_reduce)
         if self.sp is not None:
             same_rows(self.sp, ids, labels, mask, pos)
             ids, labels, mask, pos = pad_to_multiple(ids, labels, mask, pos, self.sp.size)
@@ -265,7 +259,7 @@ class ChunkwiseEngine:
         # ones), so each rank divides by (global count / world size). The ranks of a
         # sequence-parallel group hold the same rows: each counts them once between them.
         local = (prepare_labels(ids, labels, mask) != IGNORE_INDEX).sum().double()
-        total = float(self._all_reduce(local.clone())) / (1 if self.sp is None else self.sp.size)
+        total = float(all_reduce(local.clone())) / (1 if self.sp is None else self.sp.size)
         if total == 0:
             raise ValueError("no supervised token in the step: every label is -100 (ignored)")
         self.last_results = []
@@ -282,7 +276,7 @@ class ChunkwiseEngine:
             if self.zero3:
                 self.engine.optimizer.zero_grad(set_to_none=True)  # drop the partitions' gradients
             self._skip()
-        return self._all_reduce(loss_sum(self.last_results).to(self.engine.device)).cpu() / world
+        return all_reduce(loss_sum(self.last_results).to(self.engine.device)).cpu() / world
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """DeepSpeed's ``torch_autocast`` block as a context: its dtype on the engine's device where
@@ -294,20 +288,19 @@ class ChunkwiseEngine:
 
     def _positions(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """position_ids as [rows, T]; packed rows refused by every rank together where the model
-        cannot keep documents apart (one all-reduce), so no rank waits for one that stopped."""
+        cannot keep documents apart."""
         pos = pos.unsqueeze(0) if pos.dim() == 1 else pos
         pos = pos.expand(ids.shape[0], -1) if pos.shape[0] == 1 else pos  # rows, so micro-batches can slice it
-        packed = torch.tensor(float(Layout.of(ids, pos).packed), device=ids.device)
-        check_packed(self.hf_model, bool(self._all_reduce(packed, torch.distributed.ReduceOp.MAX) > 0))
+        check_packed_together(self.hf_model, ids, pos)
         return pos
 
     def _schedule(self, ids, labels, mask) -> list[bool] | None:
         """ZeRO-3: whether each chunk holds a supervised token on any rank (None otherwise).
         Sequence parallel: a memory budget's pick agreed by the ranks (a group runs one schedule)."""
         if self.zero3:
-            return joint_schedule(self.scheduler, self.engine.module, ids, labels, mask, self._all_reduce)
+            return joint_schedule(self.scheduler, self.engine.module, ids, labels, mask, all_reduce)
         if self.sp is not None and self.scheduler.config.memory_budget_gb is not None:
-            agreed_pick(self.scheduler, self.engine.module, ids, mask, self._all_reduce)
+            agreed_pick(self.scheduler, self.engine.module, ids, mask, all_reduce)
         return None
 
     def _all_finite(self, grads) -> bool:
@@ -335,7 +328,7 @@ class ChunkwiseEngine:
     def _on_every_rank(self, ok: bool) -> bool:
         """Whether ``ok`` holds on every rank (one all-reduce)."""
         flag = torch.tensor(float(ok), device=self.engine.device)
-        return bool(self._all_reduce(flag, torch.distributed.ReduceOp.MIN) > 0)
+        return bool(all_reduce(flag, torch.distributed.ReduceOp.MIN) > 0)
 
     def _micro_batches(self, batch: tuple, normalizer: float, rank: int) -> None:
         gas = self.engine.gradient_accumulation_steps()

@@ -38,7 +38,7 @@ from ds_chunk.engine import boundary_backward, check_engine, chunk_backward, chu
 from ds_chunk.neftune import row_noise
 from ds_chunk.scheduler import ChunkScheduler, LocalGrads
 from ds_chunk.sequence_parallel import SequenceParallel, from_deepspeed, gather_rows, group_sum, sp_zero3_scale
-from ds_chunk.zero3 import common_length, joint_schedule
+from ds_chunk.zero3 import all_reduce, check_packed_together, common_length, joint_schedule
 
 logger = logging.getLogger("ds_chunk")
 
@@ -172,7 +172,7 @@ class _ChunkwiseMixin:
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         driver = self._driver = self._driver or _driver_for(model, self.accelerator)
-        sp = self._scheduler.sp = driver.sequence_parallel()
+        sp = self._scheduler.sp = driver.sp
         rows = inputs  # sequence parallel: DeepSpeed's shards here (the parent's metrics count them) ...
         if sp is not None:  # ... refused if a chunk-wise step would drop a key; the whole rows run
             self._chunk_inputs({k: v for k, v in inputs.items() if k != "shift_labels"})
@@ -233,6 +233,11 @@ class _ChunkwiseMixin:
         cross-entropy is (by the ranks where the tokens are averaged over them, else 1 / GA)."""
         if num_items_in_batch is None or self._sft:
             return 1.0 / self.current_gradient_accumulation_steps
+        return self._token_ranks()
+
+    def _token_ranks(self) -> int:
+        """The ranks whose tokens ``num_items_in_batch`` counts (``average_tokens_across_devices``),
+        by which the parent scales each rank's loss; else 1."""
         return self.accelerator.num_processes // self.get_tp_size() if self.args.average_tokens_across_devices else 1
 
     def _sft_metrics(self, inputs: dict, stats, aux_loss: float | None) -> None:
@@ -282,10 +287,7 @@ class _ChunkwiseMixin:
         if self._scheduler.sp is not None:  # as transformers' deepspeed_sp_compute_loss
             num_items_in_batch = None  # the micro-batch's mean over the group, / accumulation steps
         if num_items_in_batch is not None:  # model-side normalisation over the whole step
-            scale = (
-                self.accelerator.num_processes // self.get_tp_size() if self.args.average_tokens_across_devices else 1
-            )
-            return float(num_items_in_batch) / scale
+            return float(num_items_in_batch) / self._token_ranks()
         from ds_chunk.chunking import IGNORE_INDEX, prepare_labels
 
         count = int((prepare_labels(ids, labels, mask) != IGNORE_INDEX).sum())  # the micro-batch mean ...
@@ -361,6 +363,7 @@ class _Plain:
     """One process, no DeepSpeed: each chunk backward adds into .grad; the Trainer clips and steps."""
 
     forward = None  # the model's own decoder
+    sp: SequenceParallel | None = None  # the ranks each sequence is split over (DeepSpeed's Ulysses only)
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
@@ -371,9 +374,6 @@ class _Plain:
 
     def modes(self):
         return contextlib.nullcontext()
-
-    def sequence_parallel(self) -> SequenceParallel | None:
-        return None
 
     def schedule(self, scheduler, model, ids, labels, mask, positions) -> tuple:
         """(ids, labels, mask, positions, has_loss) as this rank runs them: its own (has_loss None)."""
@@ -416,6 +416,7 @@ class _DeepSpeed(_Plain):
         super().__init__(accelerator)
         check_engine(engine)
         self.engine = engine
+        self.sp = from_deepspeed()  # accelerate's ParallelismConfig(sp_backend="deepspeed", sp_size=N)
         self.zero3 = engine.zero_optimization_stage() == 3
         if self.zero3:
             self.forward = lambda kwargs: engine(chunk_inputs=kwargs)[0]
@@ -426,10 +427,6 @@ class _DeepSpeed(_Plain):
     def modes(self):
         return chunk_modes(self.engine.module)
 
-    def sequence_parallel(self) -> SequenceParallel | None:
-        """accelerate's ParallelismConfig(sp_backend="deepspeed", sp_size=N): DeepSpeed's group."""
-        return from_deepspeed()
-
     def schedule(self, scheduler, model, ids, labels, mask, positions) -> tuple:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         sp = scheduler.sp
@@ -438,23 +435,16 @@ class _DeepSpeed(_Plain):
             scheduler.partitioning = {"zero_stage": stage, "world_size": world, "sequence_parallel": size}
         if not self.zero3:
             if sp is not None and scheduler.config.memory_budget_gb is not None:  # one pick for the group
-                agreed_pick(scheduler, model, ids, mask, _all_reduce)
+                agreed_pick(scheduler, model, ids, mask, all_reduce)
             return super().schedule(scheduler, model, ids, labels, mask, positions)
-        if positions is not None:  # packed rows refused on every rank together, not one rank alone
-            packed = torch.tensor(float(Layout.of(ids, positions).packed), device=ids.device)
-            check_packed(model, bool(_all_reduce(packed, torch.distributed.ReduceOp.MAX) > 0))
-        ids, labels, mask, positions = common_length(ids, labels, mask, positions, _all_reduce)
-        return ids, labels, mask, positions, joint_schedule(scheduler, model, ids, labels, mask, _all_reduce)
+        if positions is not None:
+            check_packed_together(model, ids, positions)
+        ids, labels, mask, positions = common_length(ids, labels, mask, positions, all_reduce)
+        return ids, labels, mask, positions, joint_schedule(scheduler, model, ids, labels, mask, all_reduce)
 
     def end_step(self) -> None:
         boundary_backward(self.engine, None if self.zero3 else self.backward_fn.take())
         self.engine.step()  # the Trainer's optimizer.step() / lr_scheduler.step() are no-ops under DeepSpeed
-
-
-def _all_reduce(value: torch.Tensor, op=None) -> torch.Tensor:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(value, **({} if op is None else {"op": op}))
-    return value
 
 
 def _driver_for(model: nn.Module, accelerator) -> _Plain:

@@ -17,6 +17,7 @@ over every rank already takes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -205,8 +206,14 @@ def sp_zero3_scale(sp: SequenceParallel | None, zero3: bool) -> int:
     and transformers' ``deepspeed_sp_compute_loss`` makes up for it by the group's size."""
     if sp is None or not zero3:
         return 1
+    return sp.size if _zero3_averages_over_world() else 1
+
+
+@functools.cache
+def _zero3_averages_over_world() -> bool:
+    """deepspeed < 0.20.2 (read once: the installed version does not change in a run)."""
     import importlib.metadata
 
     from packaging.version import Version
 
-    return sp.size if Version(importlib.metadata.version("deepspeed")) < Version("0.20.2") else 1
+    return Version(importlib.metadata.version("deepspeed")) < Version("0.20.2")

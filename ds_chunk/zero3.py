@@ -32,6 +32,22 @@ def gathered(params: Iterable[torch.Tensor]) -> contextlib.AbstractContextManage
 AllReduce = Callable[..., torch.Tensor]  # (tensor, op=None) -> the tensor, reduced over the ranks in place
 
 
+def all_reduce(value: torch.Tensor, op=None) -> torch.Tensor:
+    """``value`` reduced over every rank in place (sum, or ``op``); unchanged in one process."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(value, **({} if op is None else {"op": op}))
+    return value
+
+
+def check_packed_together(model, ids: torch.Tensor, positions: torch.Tensor) -> None:
+    """Packed rows refused by every rank together where the model cannot keep documents apart
+    (one all-reduce), so no rank waits in a collective for one that stopped."""
+    from ds_chunk.documents import Layout, check_packed
+
+    packed = torch.tensor(float(Layout.of(ids, positions).packed), device=ids.device)
+    check_packed(model, bool(all_reduce(packed, torch.distributed.ReduceOp.MAX) > 0))
+
+
 def common_length(ids, labels, mask, pos, all_reduce: AllReduce) -> tuple:
     """Rows right-padded (mask 0, label -100) to the longest row of any rank, so every rank runs
     the same number of chunk forwards (each gathers the parameters); positions go on counting,
